@@ -1,0 +1,142 @@
+"""`vlpt` command line: sub-commands only parse arguments and call the library."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+def find_config(name: str) -> Path:
+    """A config path as given, else under the repository's `configs/` folder."""
+    for path in (Path(name), CONFIGS / name):
+        if path.is_file():
+            return path
+    raise FileNotFoundError(f"config file not found: {name} (also looked in {CONFIGS})")
+
+
+def cmd_synth(args) -> None:
+    from vlpt.data.synthetic import generate
+    out = generate(out=args.out, seed=args.seed, train=args.train, val=args.val, test=args.test,
+                   image_size=args.image_size)
+    print(f"wrote {out}")
+
+
+def cmd_pretrain(args) -> None:
+    from vlpt.config import load_config
+    from vlpt.engine.trainer import train
+    overrides = list(args.overrides) + ([f"train.resume={args.resume}"] if args.resume else [])
+    cfg = load_config(find_config(args.config), overrides)
+    print(f"run folder: {train(cfg)}")
+
+
+def cmd_evaluate(args) -> None:
+    import torch
+    from vlpt.engine.checkpoint import load_method
+    from vlpt.engine.trainer import pick_device
+    from vlpt.tasks import retrieval
+
+    device = pick_device(args.device)
+    model, cfg, tokenizer = load_method(args.checkpoint, device)
+    data = Path(args.data or cfg.data.root)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        metrics = retrieval.evaluate(model, data / f"retrieval_{args.split}.json", data, tokenizer,
+                                     image_size=cfg.model.vision.image_size, max_len=cfg.model.text.max_len,
+                                     k=args.k, batch_size=args.batch_size, device=device,
+                                     num_workers=args.num_workers)
+    print(format_table({"retrieval": metrics}))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(metrics, indent=2) + "\n")
+
+
+def format_table(rows: dict[str, dict]) -> str:
+    cols = ["txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10", "r_mean"]
+    lines = [f"{'':18s}" + "".join(f"{c:>9s}" for c in cols)]
+    for name, m in rows.items():
+        lines.append(f"{name + ' (itm)':18s}" + "".join(f"{m[c]:9.2f}" for c in cols))
+        lines.append(f"{name + ' (itc)':18s}" + "".join(f"{m['itc_' + c]:9.2f}" for c in cols))
+    return "\n".join(lines)
+
+
+def cmd_demo(args) -> None:
+    from vlpt.config import load_config
+    from vlpt.data.synthetic import generate
+    from vlpt.engine.trainer import train
+
+    start = time.perf_counter()
+    data = Path(args.data)
+    if not (data / "meta.json").is_file():
+        generate(out=data, seed=0)
+    out = Path(args.out) / args.method
+    cfg = load_config(find_config(f"pretrain/{args.method}_tiny.yaml"),
+                      [f"data.root={data}", f"train.out={out}", *args.overrides])
+    train(cfg)
+    eval_args = argparse.Namespace(checkpoint=str(out), data=str(data), split="test", k=cfg.eval.k,
+                                   batch_size=cfg.eval.batch_size, out=str(out / "metrics.json"), device="auto",
+                                   num_workers=cfg.data.num_workers)
+    cmd_evaluate(eval_args)
+    print(f"demo finished in {time.perf_counter() - start:.0f} s; metrics in {out / 'metrics.json'}")
+
+
+def cmd_keys(args) -> None:
+    from vlpt.config import describe
+    for key, default, help in describe():
+        print(f"{key:32s} {str(default):24s} {help}")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vlpt", description="vision-language pretraining (ALBEF family)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="data sets").add_subparsers(dest="data_command", required=True)
+    s = data.add_parser("synth", help="generate the embedded shapes data set and every task's annotations")
+    s.add_argument("--out", default="data/shapes")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--train", type=int, default=20000, help="training images")
+    s.add_argument("--val", type=int, default=1000)
+    s.add_argument("--test", type=int, default=1000)
+    s.add_argument("--image-size", type=int, default=64)
+    s.set_defaults(func=cmd_synth)
+
+    s = sub.add_parser("pretrain", help="pretrain a method; key=value arguments override the config")
+    s.add_argument("--config", required=True, help="YAML file (path, or relative to configs/)")
+    s.add_argument("--resume", default="", help="checkpoint folder, run folder, or 'latest' (train.resume)")
+    s.add_argument("overrides", nargs="*", help="key=value, e.g. train.steps=100")
+    s.set_defaults(func=cmd_pretrain)
+
+    ev = sub.add_parser("evaluate", help="evaluate a checkpoint").add_subparsers(dest="task", required=True)
+    s = ev.add_parser("retrieval", help="zero-shot / finetuned image-text retrieval (ITC top-k, ITM rerank)")
+    s.add_argument("--checkpoint", required=True, help="checkpoint folder or run folder")
+    s.add_argument("--data", default="", help="data folder (default: the checkpoint's data.root)")
+    s.add_argument("--split", default="test", help="reads retrieval_<split>.json")
+    s.add_argument("--k", type=int, default=16, help="candidates reranked by ITM per query (eval.k)")
+    s.add_argument("--batch-size", type=int, default=256, help="pairs per ITM forward (eval.batch_size)")
+    s.add_argument("--num-workers", type=int, default=2)
+    s.add_argument("--device", default="auto")
+    s.add_argument("--out", default="", help="write the metrics as JSON here")
+    s.set_defaults(func=cmd_evaluate)
+
+    s = sub.add_parser("demo", help="generate data if missing, pretrain a tiny model, evaluate retrieval")
+    s.add_argument("--method", default="albef")
+    s.add_argument("--data", default="data/shapes")
+    s.add_argument("--out", default="runs/demo")
+    s.add_argument("overrides", nargs="*", help="key=value overrides of the tiny config")
+    s.set_defaults(func=cmd_demo)
+
+    s = sub.add_parser("config", help="list every config key with its default and help")
+    s.set_defaults(func=cmd_keys)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    from vlpt.config import ConfigError
+    from vlpt.data.annotations import AnnotationError, ImageError
+    try:
+        args.func(args)
+    except (ConfigError, AnnotationError, ImageError, FileNotFoundError) as err:
+        sys.exit(f"vlpt: error: {err}")

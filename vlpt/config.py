@@ -1,0 +1,217 @@
+"""Typed configs: dataclasses loaded from YAML, with `key=value` overrides and unknown keys rejected by name.
+
+A YAML file may name other files under `base:` (paths relative to it); they are merged first, in order.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+import yaml
+
+
+def opt(default, help: str):
+    """A config field: a default and one line of help."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class VisionConfig:
+    image_size: int = opt(64, "input resolution in pixels (square)")
+    patch_size: int = opt(8, "ViT patch size in pixels")
+    width: int = opt(128, "ViT embedding dimension")
+    depth: int = opt(4, "number of ViT blocks")
+    heads: int = opt(4, "attention heads per ViT block")
+    mlp_ratio: float = opt(4.0, "ViT MLP hidden size as a multiple of width")
+    drop_path: float = opt(0.0, "stochastic depth rate")
+    pretrained: str = opt("", "local file (.safetensors/.pth/.npz) of timm ViT weights; empty trains from scratch")
+
+
+@dataclass
+class TextConfig:
+    width: int = opt(128, "hidden size of the text and fusion encoders")
+    heads: int = opt(4, "attention heads per layer")
+    intermediate: int = opt(512, "MLP hidden size")
+    text_layers: int = opt(3, "layers of the text encoder (self-attention only)")
+    fusion_layers: int = opt(3, "layers of the fusion encoder (self- and cross-attention)")
+    max_len: int = opt(32, "maximum tokens per text, [CLS] and [SEP] included")
+    dropout: float = opt(0.0, "dropout in text and fusion layers (BERT uses 0.1)")
+    pretrained: str = opt("", "Hugging Face BERT folder (config.json + safetensors) to initialise from; empty trains from scratch")
+
+
+@dataclass
+class ModelConfig:
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+
+
+@dataclass
+class MethodConfig:
+    name: str = opt("albef", "registered method name (see `vlpt.methods.available()`)")
+    losses: list = opt(["itc", "itm", "mlm"], "losses to train; the papers' ablations are subsets")
+    loss_weights: dict = opt({}, "weight per loss name; missing names weigh 1")
+    embed_dim: int = opt(256, "dimension of the contrastive projections")
+    temperature: float = opt(0.07, "initial ITC temperature (learnable, clamped to [0.001, 0.5])")
+    queue_size: int = opt(65536, "features kept in each momentum queue")
+    momentum: float = opt(0.995, "EMA coefficient of the momentum teacher")
+    alpha: float = opt(0.4, "momentum-distillation weight of the teacher's soft targets")
+    alpha_warmup_steps: int = opt(0, "steps over which alpha ramps linearly from 0 (ALBEF: first epoch)")
+    mlm_probability: float = opt(0.15, "fraction of text tokens masked for MLM (80/10/10 mask/random/keep)")
+
+
+@dataclass
+class DataConfig:
+    root: str = opt("data/shapes", "data set folder; annotation and image paths are relative to it")
+    train: str = opt("pretrain.json", "training annotation file, relative to root")
+    vocab: str = opt("vocab.txt", "WordPiece vocab, relative to root (or absolute); a missing file is trained from the captions")
+    batch_size: int = opt(64, "samples per step per process")
+    num_workers: int = opt(2, "DataLoader worker processes")
+    skip_bad: bool = opt(False, "skip unreadable images (counted in the log) instead of failing")
+    augment: bool = opt(False, "RandomResizedCrop + RandAugment (off for spatial captions: flips and crops change 'left of')")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = opt(3e-4, "peak learning rate of AdamW")
+    min_lr: float = opt(1e-5, "learning rate at the end of the cosine decay")
+    weight_decay: float = opt(0.02, "AdamW weight decay (not on biases, norms, embeddings of positions)")
+    betas: list = opt([0.9, 0.999], "AdamW betas")
+    warmup_steps: int = opt(100, "linear warm-up steps")
+    grad_clip: float = opt(5.0, "maximum global gradient norm; 0 disables")
+    accumulate: int = opt(1, "micro-batches accumulated per optimiser step")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = opt(1000, "optimiser steps to train")
+    seed: int = opt(0, "seed of weights, data order and masking")
+    out: str = opt("runs/albef", "run folder: checkpoints, metrics.jsonl, config.yaml")
+    log_every: int = opt(10, "steps between metric lines")
+    save_every: int = opt(500, "steps between checkpoints (one is always written at the end)")
+    keep: int = opt(2, "checkpoints kept on disk")
+    precision: str = opt("auto", "auto (bf16 autocast on GPU, fp32 on CPU), bf16 or fp32")
+    device: str = opt("auto", "auto, cpu, cuda or cuda:N")
+    threads: int = opt(0, "torch intra-op threads on CPU; 0 keeps torch's default")
+    resume: str = opt("", "checkpoint folder, or 'latest' in train.out, to resume from")
+    progress: bool = opt(True, "show a tqdm progress bar")
+
+
+@dataclass
+class EvalConfig:
+    k: int = opt(16, "ITC candidates reranked by ITM per query")
+    batch_size: int = opt(256, "images or texts per encoder forward, and pairs per ITM forward")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _fields(cls) -> dict[str, Any]:
+    hints = get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _coerce(value, typ, key: str):
+    if dataclasses.is_dataclass(typ):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}' is a section; got {value!r}")
+        return _build(typ, value, key + ".")
+    origin = get_origin(typ) or typ
+    if origin is bool:
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key '{key}' expects true/false; got {value!r}")
+        return value
+    if origin is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if origin in (int, str, list, dict) and not isinstance(value, origin) or (origin is int and isinstance(value, bool)):
+        raise ConfigError(f"config key '{key}' expects {origin.__name__}; got {value!r}")
+    return value
+
+
+def _build(cls, values: dict, prefix: str = ""):
+    fields = _fields(cls)
+    for key in values:
+        if key not in fields:
+            near = difflib.get_close_matches(key, fields, n=1)
+            hint = f"; did you mean '{prefix}{near[0]}'?" if near else f"; valid keys: {', '.join(fields)}"
+            raise ConfigError(f"unknown config key '{prefix}{key}'{hint}")
+    return cls(**{k: _coerce(v, fields[k], prefix + k) for k, v in values.items()})
+
+
+def _merge(into: dict, new: dict) -> dict:
+    for key, value in new.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict) and key != "loss_weights":
+            _merge(into[key], value)
+        else:
+            into[key] = value
+    return into
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+    merged: dict = {}
+    for base in data.pop("base", []):
+        _merge(merged, _read_yaml((path.parent / base).resolve()))
+    return _merge(merged, data)
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """['train.steps=10', 'method.losses=[itc,itm]'] -> nested dict, values parsed as YAML scalars."""
+    out: dict = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override '{item}' is not of the form key=value")
+        node = out
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(raw) if raw else ""
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = (), base: dict | None = None) -> Config:
+    """Defaults <- `base` dict (e.g. a checkpoint's config) <- YAML file <- key=value overrides."""
+    values: dict = _merge({}, base or {})
+    if path:
+        _merge(values, _read_yaml(Path(path)))
+    _merge(values, parse_overrides(list(overrides)))
+    return _build(Config, values)
+
+
+def describe(cls=Config, prefix: str = "") -> list[tuple[str, Any, str]]:
+    """Every key with its default and help line, for `vlpt config --help-keys`."""
+    rows = []
+    for f in dataclasses.fields(cls):
+        typ = get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(typ):
+            rows += describe(typ, prefix + f.name + ".")
+        else:
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            rows.append((prefix + f.name, default, f.metadata.get("help", "")))
+    return rows

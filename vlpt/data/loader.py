@@ -1,0 +1,110 @@
+"""Image-text pairs for pretraining: a dataset that tokenises and masks in workers, and a resumable sampler."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from vlpt.data.annotations import ImageError, load_annotations, load_image
+from vlpt.data.masking import mask_tokens
+from vlpt.data.tokenizer import Tokenizer
+from vlpt.data.transforms import image_transform
+
+
+class PairDataset(Dataset):
+    """Records {image, caption[, image_id]} -> {image, text, image_id}; keys are (index, draw) from the sampler.
+
+    `draw` (the sample's position in the whole run) seeds its MLM mask, so masks are the same whatever the
+    number of ranks or workers, and after a resume. With `skip_bad`, an unreadable image is replaced by the
+    next record's and counted in `skipped`; otherwise it raises ImageError naming the file.
+    """
+
+    def __init__(self, records: list[dict], root: str | Path, transform, skip_bad: bool = False):
+        self.records, self.root, self.transform, self.skip_bad = records, Path(root), transform, skip_bad
+        ids = {path: i for i, path in enumerate(dict.fromkeys(r["image"] for r in records))}
+        self.image_ids = [int(r.get("image_id", ids[r["image"]])) for r in records]
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, key):
+        index, draw = key if isinstance(key, tuple) else (key, key)
+        for skipped in range(len(self.records)):
+            i = (index + skipped) % len(self.records)
+            record = self.records[i]
+            try:
+                image = load_image(self.root / record["image"])
+            except ImageError:
+                if not self.skip_bad:
+                    raise
+                continue
+            caption = record["caption"]
+            if isinstance(caption, list):
+                caption = caption[draw % len(caption)]
+            return {"image": self.transform(image), "text": caption, "image_id": self.image_ids[i],
+                    "draw": draw, "skipped": skipped}
+        raise ImageError(f"no readable image among the {len(self.records)} records under {self.root}")
+
+
+class Collate:
+    """Stack images, tokenise texts, and (with `mlm_probability`) add masked ids and labels seeded per sample."""
+
+    def __init__(self, tokenizer: Tokenizer, max_len: int, mlm_probability: float = 0.0, seed: int = 0):
+        self.tokenizer, self.max_len, self.mlm_probability, self.seed = tokenizer, max_len, mlm_probability, seed
+
+    def __call__(self, samples: list[dict]) -> dict:
+        ids, mask = self.tokenizer([s["text"] for s in samples], self.max_len)
+        batch = {"image": torch.stack([s["image"] for s in samples]), "text_ids": ids, "text_mask": mask,
+                 "image_id": torch.tensor([s["image_id"] for s in samples]),
+                 "skipped": torch.tensor(sum(s["skipped"] for s in samples))}
+        if self.mlm_probability > 0:
+            masked, labels = zip(*(self._mask(row, s["draw"]) for row, s in zip(ids, samples)))
+            batch["mlm_ids"], batch["mlm_labels"] = torch.stack(masked), torch.stack(labels)
+        return batch
+
+    def _mask(self, ids: torch.Tensor, draw: int):
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + draw)
+        t = self.tokenizer
+        return mask_tokens(ids, self.mlm_probability, t.mask_id, t.vocab_size, t.special_ids, gen)
+
+
+class ResumableSampler:
+    """Endless global batches from a seeded permutation per epoch; each rank takes its contiguous slice.
+
+    `start` counts global batches already consumed, so a resumed run continues the exact sequence.
+    Yields lists of (index, draw) keys, draw being the sample's position in the run.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1, start: int = 0):
+        self.global_batch = batch_size * world
+        if n < self.global_batch:
+            raise ValueError(f"{n} records are fewer than one global batch of {self.global_batch}")
+        self.n, self.batch_size, self.seed, self.rank, self.start = n, batch_size, seed, rank, start
+        self.per_epoch = n // self.global_batch
+
+    def __iter__(self):
+        step = self.start
+        while True:
+            epoch, pos = divmod(step, self.per_epoch)
+            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch))
+            lo = pos * self.global_batch + self.rank * self.batch_size
+            draws = range(step * self.global_batch + self.rank * self.batch_size,
+                          step * self.global_batch + (self.rank + 1) * self.batch_size)
+            yield list(zip(order[lo:lo + self.batch_size].tolist(), draws))
+            step += 1
+
+
+def pair_loader(records: list[dict], root, tokenizer: Tokenizer, *, image_size: int, batch_size: int, max_len: int,
+                mlm_probability: float, seed: int, rank: int = 0, world: int = 1, start: int = 0,
+                num_workers: int = 0, augment: bool = False, skip_bad: bool = False) -> DataLoader:
+    dataset = PairDataset(records, root, image_transform(image_size, augment), skip_bad)
+    sampler = ResumableSampler(len(dataset), batch_size, seed, rank, world, start)
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
+                      collate_fn=Collate(tokenizer, max_len, mlm_probability, seed),
+                      pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0,
+                      prefetch_factor=4 if num_workers > 0 else None)
+
+
+def load_pairs(path: str | Path) -> list[dict]:
+    return load_annotations(path, "pretrain")

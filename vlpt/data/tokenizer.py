@@ -1,0 +1,63 @@
+"""WordPiece tokenizer (Hugging Face `tokenizers`): from a local BERT vocab, or trained on the captions."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from tokenizers.implementations import BertWordPieceTokenizer
+
+SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+class Tokenizer:
+    """Uncased BERT WordPiece: texts -> padded ids and attention mask, [CLS] first and [SEP] last."""
+
+    def __init__(self, vocab: str | Path):
+        self.vocab_path = Path(vocab)
+        if not self.vocab_path.is_file():
+            raise FileNotFoundError(f"vocab file not found: {self.vocab_path}")
+        self._tok = BertWordPieceTokenizer(str(self.vocab_path), lowercase=True)
+        ids = {name: self._tok.token_to_id(name) for name in SPECIALS}
+        missing = [name for name, i in ids.items() if i is None]
+        if missing:
+            raise ValueError(f"{self.vocab_path} lacks the special tokens {missing}")
+        self.pad_id, self.unk_id, self.cls_id, self.sep_id, self.mask_id = (ids[n] for n in SPECIALS)
+        self.special_ids = sorted(ids.values())
+        self.vocab_size = self._tok.get_vocab_size()
+
+    @classmethod
+    def train(cls, texts: Iterable[str], out: str | Path, vocab_size: int = 8000) -> "Tokenizer":
+        """Train a WordPiece vocab on `texts` and save it as `out` (a vocab.txt)."""
+        tok = BertWordPieceTokenizer(lowercase=True)
+        tok.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=1, special_tokens=SPECIALS,
+                                show_progress=False)
+        out = Path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        vocab = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
+        out.write_text("".join(f"{token}\n" for token, _ in vocab))
+        return cls(out)
+
+    def __call__(self, texts: list[str], max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Truncated and padded to `max_len` (fixed shapes: equal across ranks, compile-friendly): ids, mask (B,L)."""
+        self._tok.enable_truncation(max_len)
+        self._tok.enable_padding(pad_id=self.pad_id, length=max_len)
+        enc = self._tok.encode_batch(list(texts))
+        ids = torch.tensor([e.ids for e in enc], dtype=torch.long)
+        mask = torch.tensor([e.attention_mask for e in enc], dtype=torch.long)
+        return ids, mask
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tok.decode(ids)
+
+
+def tokenizer_for(cfg, texts: Iterable[str | list[str]], out: str | Path) -> Tokenizer:
+    """The pretrained text model's vocab if one is configured; else `data.vocab` (absolute or under `data.root`);
+    else a vocab trained on `texts` and saved as `<out>/vocab.txt`."""
+    if cfg.model.text.pretrained:
+        return Tokenizer(Path(cfg.model.text.pretrained) / "vocab.txt")
+    vocab = Path(cfg.data.root) / cfg.data.vocab
+    if vocab.is_file():
+        return Tokenizer(vocab)
+    flat = (t for item in texts for t in ([item] if isinstance(item, str) else item))
+    return Tokenizer.train(flat, Path(out) / "vocab.txt")

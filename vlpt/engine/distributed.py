@@ -1,0 +1,67 @@
+"""torch.distributed helpers that are identities in a single process."""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_fn
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def init(device: torch.device) -> None:
+    """Join the process group that torchrun describes (gloo on CPU, NCCL on GPU); nothing without torchrun."""
+    if "RANK" not in os.environ or is_distributed():
+        return
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend)
+
+
+def gather(x: torch.Tensor, grad: bool = False) -> torch.Tensor:
+    """Concatenate `x` from every rank along dim 0, in rank order; with `grad`, gradients flow back to each rank."""
+    if not is_distributed():
+        return x
+    if grad:
+        return torch.cat(dist_fn.all_gather(x), 0)
+    parts = [torch.empty_like(x) for _ in range(world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts, 0)
+
+
+def local_rows(n_local: int) -> slice:
+    """This rank's rows of a tensor gathered with `gather`."""
+    start = rank() * n_local
+    return slice(start, start + n_local)
+
+
+def mean_count(count: torch.Tensor) -> torch.Tensor:
+    """The mean over ranks of a per-rank count: dividing a local sum by it makes DDP's gradient average a global mean."""
+    if not is_distributed():
+        return count
+    count = count.detach().clone().float()
+    dist.all_reduce(count)
+    return count / world_size()
+
+
+def all_mean(x: torch.Tensor) -> torch.Tensor:
+    """Average of a tensor over ranks (for logging)."""
+    if not is_distributed():
+        return x
+    x = x.detach().clone()
+    dist.all_reduce(x)
+    return x / world_size()

@@ -1,0 +1,150 @@
+"""The one training loop for every method: AdamW, warm-up + cosine, clipping, accumulation, bf16 autocast on GPU,
+torchrun DDP, tqdm progress, JSONL metrics, atomic checkpoints and exact resume."""
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from vlpt import methods
+from vlpt.config import Config
+from vlpt.data.loader import load_pairs, pair_loader
+from vlpt.data.tokenizer import tokenizer_for
+from vlpt.engine import checkpoint, distributed
+from vlpt.engine.logging import MetricsLog
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and distributed.is_distributed():
+        name = f"cuda:{distributed.rank() % torch.cuda.device_count()}"
+    return torch.device(name)
+
+
+def autocast(device: torch.device, precision: str):
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    if precision not in ("auto", "fp32"):
+        raise ValueError(f"train.precision must be auto, bf16 or fp32; got {precision!r}")
+    return nullcontext()
+
+
+def build_optimizer(model: torch.nn.Module, cfg: Config, device: torch.device):
+    """AdamW without weight decay on biases, norms, tokens and embeddings of positions (1-D or named)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 or "pos_embed" in name or "cls_token" in name else decay).append(p)
+    o = cfg.optim
+    groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), fused=device.type == "cuda")
+    total, warm = cfg.train.steps, o.warmup_steps
+
+    def factor(step: int) -> float:  # warm-up, then cosine from lr to min_lr
+        if step < warm:
+            return (step + 1) / warm
+        t = (step - warm) / max(1, total - warm)
+        return (o.min_lr + (o.lr - o.min_lr) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))) / o.lr
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def train(cfg: Config) -> Path:
+    """Pretrain `cfg.method.name` on `cfg.data.train`; returns the run folder."""
+    if cfg.train.threads > 0:
+        torch.set_num_threads(cfg.train.threads)
+    device = pick_device(cfg.train.device)
+    distributed.init(device)
+    device = pick_device(cfg.train.device)
+    out, main = Path(cfg.train.out), distributed.is_main()
+    records = load_pairs(Path(cfg.data.root) / cfg.data.train)
+    tokenizer = tokenizer_for(cfg, (r["caption"] for r in records), out)
+
+    torch.manual_seed(cfg.train.seed)
+    model = methods.build(cfg, tokenizer.vocab_size).to(device)
+    optimizer, scheduler = build_optimizer(model, cfg, device)
+    step, skipped = 0, 0
+    if cfg.train.resume:
+        path = checkpoint.resolve(cfg.train.resume, out)
+        checkpoint.load_weights(path, model)
+        state = checkpoint.load_state(path)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        checkpoint.set_rng_state(state["rng"])
+        step, skipped = state["step"], state.get("skipped", 0)
+    ddp = DistributedDataParallel(model) if distributed.is_distributed() else model
+
+    accumulate = cfg.optim.accumulate
+    loader = pair_loader(records, cfg.data.root, tokenizer, image_size=cfg.model.vision.image_size,
+                         batch_size=cfg.data.batch_size, max_len=cfg.model.text.max_len,
+                         mlm_probability=cfg.method.mlm_probability if "mlm" in cfg.method.losses else 0.0,
+                         seed=cfg.train.seed, rank=distributed.rank(), world=distributed.world_size(),
+                         start=step * accumulate, num_workers=cfg.data.num_workers, augment=cfg.data.augment,
+                         skip_bad=cfg.data.skip_bad)
+    weights = cfg.method.loss_weights
+    unknown = set(weights) - set(cfg.method.losses)
+    if unknown:
+        raise ValueError(f"method.loss_weights names losses not in method.losses: {sorted(unknown)}")
+    log = MetricsLog(out, main)
+    save_config = cfg.to_dict()
+
+    def save(at: int) -> None:
+        if main:
+            state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": checkpoint.rng_state(),
+                     "skipped": skipped, "data_position": at * accumulate}
+            checkpoint.save(out, at, model, save_config, tokenizer.vocab_path, state, keep=cfg.train.keep)
+        if distributed.is_distributed():
+            torch.distributed.barrier()
+
+    model.train()
+    batches = iter(loader)
+    bar = tqdm(total=cfg.train.steps, initial=step, disable=not (main and cfg.train.progress), desc=cfg.method.name,
+               dynamic_ncols=True)
+    sums: dict[str, torch.Tensor] = {}
+    tick, samples = time.perf_counter(), 0
+    while step < cfg.train.steps:
+        for micro in range(accumulate):
+            batch = to_device(next(batches), device)
+            skipped_now = batch.pop("skipped")
+            sync = micro == accumulate - 1 or not isinstance(ddp, DistributedDataParallel)
+            with (nullcontext() if sync else ddp.no_sync()), autocast(device, cfg.train.precision):
+                losses = ddp(batch, step)
+                total = sum(weights.get(k, 1.0) * v for k, v in losses.items())
+            (total / accumulate).backward()
+            for k, v in losses.items():
+                sums[k] = sums.get(k, 0) + v.detach() / accumulate
+            sums["skipped"] = sums.get("skipped", 0) + skipped_now
+            samples += batch["image"].shape[0] * distributed.world_size()
+        if cfg.optim.grad_clip > 0:
+            sums["grad_norm"] = sums.get("grad_norm", 0) + torch.nn.utils.clip_grad_norm_(
+                model.parameters(), cfg.optim.grad_clip).detach()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        model.after_step(step)
+        step += 1
+        bar.update(1)
+        if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+            n = cfg.train.log_every if step % cfg.train.log_every == 0 else step % cfg.train.log_every
+            values = {k: distributed.all_mean(v.float()).item() / (1 if k == "skipped" else n) for k, v in sums.items()}
+            skipped += int(round(values.pop("skipped") * distributed.world_size()))
+            elapsed = time.perf_counter() - tick
+            row = {**{k: round(v, 5) for k, v in values.items()}, "lr": scheduler.get_last_lr()[0],
+                   "samples_per_s": round(samples / elapsed, 2), "skipped_images": skipped}
+            log.write(step, **row)
+            bar.set_postfix({k: f"{v:.3g}" for k, v in row.items() if k in losses or k == "samples_per_s"})
+            sums, tick, samples = {}, time.perf_counter(), 0
+        if step % cfg.train.save_every == 0 or step == cfg.train.steps:
+            save(step)
+    bar.close()
+    return out

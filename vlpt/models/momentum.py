@@ -1,0 +1,35 @@
+"""EMA teacher of any set of modules: one implementation for every method (ALBEF Sec. 3.3, MoCo)."""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+
+class MomentumTeacher(nn.Module):
+    """Frozen copies of named student modules, updated as teacher <- m * teacher + (1 - m) * student.
+
+    Registered as a submodule so its weights travel with `state_dict()` (checkpoints, resume); receives no gradient.
+    """
+
+    def __init__(self, students: dict[str, nn.Module], momentum: float):
+        super().__init__()
+        self.momentum = momentum
+        self.copies = nn.ModuleDict({name: copy.deepcopy(module) for name, module in students.items()})
+        self.copies.requires_grad_(False)
+        self._students = list(students.values())  # a plain list: not registered, not saved twice
+
+    def __getitem__(self, name: str) -> nn.Module:
+        return self.copies[name]
+
+    def _pairs(self):
+        teacher = [p for m in self.copies.values() for p in m.parameters()]
+        student = [p for m in self._students for p in m.parameters()]
+        return teacher, student
+
+    @torch.no_grad()
+    def update(self) -> None:
+        teacher, student = self._pairs()
+        torch._foreach_mul_(teacher, self.momentum)
+        torch._foreach_add_(teacher, [s.detach() for s in student], alpha=1.0 - self.momentum)

@@ -1,0 +1,197 @@
+"""BERT-style layers written once: self-attention, optional cross-attention, causal mode; loads Hugging Face BERT weights.
+
+The text encoder is BERT's embeddings + the first `text_layers` layers; the fusion encoder is the next
+`fusion_layers` layers with cross-attention added (ALBEF Sec. 3.1), so both initialise from one BERT.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from torch import nn
+
+from vlpt.config import TextConfig
+
+
+def init_bert_(module: nn.Module) -> None:
+    """BERT's initialisation: normal(0, 0.02) weights for linear and embedding layers, zero biases."""
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+
+class Attention(nn.Module):
+    """Multi-head attention through `scaled_dot_product_attention`; BERT's post-norm residual output."""
+
+    def __init__(self, width: int, heads: int, dropout: float, kv_width: int | None = None):
+        super().__init__()
+        self.heads, self.dropout = heads, dropout
+        self.query = nn.Linear(width, width)
+        self.key = nn.Linear(kv_width or width, width)
+        self.value = nn.Linear(kv_width or width, width)
+        self.out = nn.Linear(width, width)
+        self.norm = nn.LayerNorm(width, eps=1e-12)
+        self.drop = nn.Dropout(dropout)
+
+    def _split(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        return x.view(b, n, self.heads, -1).transpose(1, 2)
+
+    def forward(self, x, context=None, mask=None, causal: bool = False):
+        """x (B,N,W); context (B,M,Wk) or None for self-attention; mask (B,M) with 1 = attend."""
+        context = x if context is None else context
+        q, k, v = self._split(self.query(x)), self._split(self.key(context)), self._split(self.value(context))
+        bias = None
+        if mask is not None:
+            bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(mask == 0, float("-inf"))
+            bias = bias[:, None, None, :]
+            if causal:
+                n = x.shape[1]
+                tri = torch.ones(n, n, dtype=torch.bool, device=x.device).tril()
+                bias = bias.masked_fill(~tri, float("-inf"))
+                causal = False
+        h = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=causal,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        h = h.transpose(1, 2).flatten(2)
+        return self.norm(x + self.drop(self.out(h)))
+
+
+class Layer(nn.Module):
+    """One BERT layer; with `cross` it attends to a context (the other modality) between self-attention and MLP."""
+
+    def __init__(self, cfg: TextConfig, cross: bool = False, context_width: int | None = None):
+        super().__init__()
+        self.attention = Attention(cfg.width, cfg.heads, cfg.dropout)
+        self.cross = Attention(cfg.width, cfg.heads, cfg.dropout, context_width) if cross else None
+        self.fc1 = nn.Linear(cfg.width, cfg.intermediate)
+        self.fc2 = nn.Linear(cfg.intermediate, cfg.width)
+        self.norm = nn.LayerNorm(cfg.width, eps=1e-12)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, mask=None, context=None, context_mask=None, causal=False):
+        x = self.attention(x, mask=mask, causal=causal)
+        if self.cross is not None:
+            x = self.cross(x, context, context_mask)
+        return self.norm(x + self.drop(self.fc2(F.gelu(self.fc1(x)))))
+
+
+class Embeddings(nn.Module):
+    def __init__(self, vocab_size: int, cfg: TextConfig, max_positions: int = 512):
+        super().__init__()
+        self.word = nn.Embedding(vocab_size, cfg.width, padding_idx=0)
+        self.position = nn.Embedding(max_positions, cfg.width)
+        self.token_type = nn.Embedding(2, cfg.width)
+        self.norm = nn.LayerNorm(cfg.width, eps=1e-12)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        pos = torch.arange(ids.shape[1], device=ids.device)
+        x = self.word(ids) + self.position(pos)[None] + self.token_type.weight[0]
+        return self.drop(self.norm(x))
+
+
+class TextEncoder(nn.Module):
+    """BERT embeddings + self-attention layers: text ids (B,L) -> hidden states (B,L,W)."""
+
+    def __init__(self, vocab_size: int, cfg: TextConfig, layers: int | None = None):
+        super().__init__()
+        self.embeddings = Embeddings(vocab_size, cfg)
+        self.layers = nn.ModuleList(Layer(cfg) for _ in range(cfg.text_layers if layers is None else layers))
+        init_bert_(self)
+
+    def forward(self, ids, mask, causal: bool = False):
+        x = self.embeddings(ids)
+        for layer in self.layers:
+            x = layer(x, mask, causal=causal)
+        return x
+
+
+class FusionEncoder(nn.Module):
+    """Layers with cross-attention: queries (B,N,W) attend to themselves and to a context (B,M,Wc)."""
+
+    def __init__(self, cfg: TextConfig, context_width: int):
+        super().__init__()
+        self.layers = nn.ModuleList(Layer(cfg, cross=True, context_width=context_width)
+                                    for _ in range(cfg.fusion_layers))
+        init_bert_(self)
+
+    def forward(self, x, mask, context, context_mask=None, causal: bool = False):
+        for layer in self.layers:
+            x = layer(x, mask, context, context_mask, causal=causal)
+        return x
+
+
+class MLMHead(nn.Module):
+    """BERT's prediction head: dense, GELU, LayerNorm, then a decoder tied to the word embeddings."""
+
+    def __init__(self, width: int, vocab_size: int):
+        super().__init__()
+        self.dense = nn.Linear(width, width)
+        self.norm = nn.LayerNorm(width, eps=1e-12)
+        self.bias = nn.Parameter(torch.zeros(vocab_size))
+        init_bert_(self)
+
+    def forward(self, x, word_embeddings: torch.Tensor):
+        """x (..., W) -> logits (..., V); `word_embeddings` (V, W) is the tied decoder weight."""
+        return self.norm(F.gelu(self.dense(x))) @ word_embeddings.t() + self.bias
+
+
+# Hugging Face BERT parameter names -> ours, per layer.
+_LAYER_KEYS = {
+    "attention.self.query": "attention.query", "attention.self.key": "attention.key",
+    "attention.self.value": "attention.value", "attention.output.dense": "attention.out",
+    "attention.output.LayerNorm": "attention.norm", "intermediate.dense": "fc1",
+    "output.dense": "fc2", "output.LayerNorm": "norm",
+}
+_EMBED_KEYS = {"word_embeddings": "word", "position_embeddings": "position",
+               "token_type_embeddings": "token_type", "LayerNorm": "norm"}
+
+
+def read_bert_config(folder: str | Path) -> dict:
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no Hugging Face config.json in {folder}")
+    return json.loads(path.read_text())
+
+
+def load_bert_weights(folder: str | Path, text: TextEncoder, fusion: FusionEncoder | None = None) -> list[str]:
+    """Copy BERT weights into the text encoder (layers 0..n-1) and the fusion encoder's self-attention and MLP
+    (layers n..n+m-1); cross-attention stays freshly initialised (ALBEF). Returns the loaded parameter names."""
+    folder = Path(folder)
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors weights in {folder}")
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        state.update(load_file(f))
+    state = {k.removeprefix("bert."): v for k, v in state.items()}
+    ours: dict[str, torch.Tensor] = {}
+    for hf, name in _EMBED_KEYS.items():
+        for p in ("weight", "bias"):
+            if f"embeddings.{hf}.{p}" in state:
+                ours[f"text.embeddings.{name}.{p}"] = state[f"embeddings.{hf}.{p}"]
+    n_text = len(text.layers)
+    stacks = [("text", i, i) for i in range(n_text)]
+    if fusion is not None:
+        stacks += [("fusion", i, n_text + i) for i in range(len(fusion.layers))]
+    for prefix, ours_i, hf_i in stacks:
+        for hf, name in _LAYER_KEYS.items():
+            for p in ("weight", "bias"):
+                key = f"encoder.layer.{hf_i}.{hf}.{p}"
+                if key not in state:
+                    raise KeyError(f"{folder}: BERT weights lack {key} (the model has fewer layers than configured)")
+                ours[f"{prefix}.layers.{ours_i}.{name}.{p}"] = state[key]
+    modules = {"text": text, "fusion": fusion}
+    for key, value in ours.items():
+        prefix, rest = key.split(".", 1)
+        param = modules[prefix].get_parameter(rest)
+        if param.shape != value.shape:
+            raise ValueError(f"{folder}: {key} has shape {tuple(value.shape)}, the model expects {tuple(param.shape)}")
+        with torch.no_grad():
+            param.copy_(value)
+    return sorted(ours)
