@@ -224,7 +224,8 @@ def hypotheses(scene: tuple[Shape, ...], rng: random.Random) -> list[tuple[str, 
     s = rng.choice(scene)
     others = [t for t in scene if t is not s]
     far = [cell for cell in range(9) if cell // 3 != s.row and cell % 3 != s.col]
-    absent = [name for name in CLASSES if name not in {t.name for t in scene}]
+    present = {t.name for t in scene}
+    absent = [name for name in CLASSES if name not in present]
     wrong_colour = rng.choice([c for c in COLOURS if c != s.colour])
     true = [f"there is {_np(s)}", f"the {s.name} is {PHRASES[s.cell]}", f"the {s.name} is {s.size}",
             _count(len(scene))]
