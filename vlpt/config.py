@@ -4,6 +4,7 @@ A YAML file may name other files under `base:` (paths relative to it); they are 
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 from dataclasses import dataclass, field
@@ -13,11 +14,12 @@ from typing import Any, get_args, get_origin, get_type_hints
 import yaml
 
 
-def opt(default, help: str):
-    """A config field: a default and one line of help."""
+def opt(default, help: str, choices: tuple = ()):
+    """A config field: a default, one line of help and, optionally, the values it may take."""
+    meta = {"help": help, "choices": choices}
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 @dataclass
@@ -51,6 +53,17 @@ class ModelConfig:
 
 
 @dataclass
+class CodebookConfig:
+    size: int = opt(4000, "codewords K (CODIS: 4,000)")
+    epsilon: float = opt(0.1, "IPOT proximal (entropic) weight epsilon")
+    outer_iters: int = opt(20, "IPOT outer (proximal point) iterations")
+    inner_iters: int = opt(1, "IPOT inner (Sinkhorn) iterations per outer one")
+    swapped: bool = opt(True, "supervise each modality's prediction with the other modality's plan (CODIS text, Fig. 3); false: same modality (Alg. 1)")
+    plan_features: str = opt("teacher", "features the transport plans are solved from: teacher (CODIS) or student (Table 4 ablation)",
+                             ("teacher", "student"))
+
+
+@dataclass
 class MethodConfig:
     name: str = opt("albef", "registered method name (see `vlpt.methods.available()`)")
     losses: list = opt(["itc", "itm", "mlm"], "losses to train; the papers' ablations are subsets")
@@ -62,6 +75,8 @@ class MethodConfig:
     alpha: float = opt(0.4, "momentum-distillation weight of the teacher's soft targets")
     alpha_warmup_steps: int = opt(0, "steps over which alpha ramps linearly from 0 (ALBEF: first epoch)")
     mlm_probability: float = opt(0.15, "fraction of text tokens masked for MLM (80/10/10 mask/random/keep)")
+    intra: bool = opt(False, "add intra-modal i2i and t2t alignment to ITC (CODIS Eq. 4-5)")
+    codebook: CodebookConfig = field(default_factory=CodebookConfig)
 
 
 @dataclass
@@ -94,7 +109,7 @@ class TrainConfig:
     log_every: int = opt(10, "steps between metric lines")
     save_every: int = opt(500, "steps between checkpoints (one is always written at the end)")
     keep: int = opt(2, "checkpoints kept on disk")
-    precision: str = opt("auto", "auto (bf16 autocast on GPU, fp32 on CPU), bf16 or fp32")
+    precision: str = opt("auto", "auto (bf16 autocast on GPU, fp32 on CPU), bf16 or fp32", ("auto", "bf16", "fp32"))
     device: str = opt("auto", "auto, cpu, cuda or cuda:N")
     threads: int = opt(0, "torch intra-op threads on CPU; 0 keeps torch's default")
     resume: str = opt("", "checkpoint folder, or 'latest' in train.out, to resume from")
@@ -124,6 +139,14 @@ class ConfigError(ValueError):
     pass
 
 
+def _check_choices(cls, obj, prefix: str) -> None:
+    for f in dataclasses.fields(cls):
+        choices = f.metadata.get("choices")
+        if choices and getattr(obj, f.name) not in choices:
+            raise ConfigError(f"config key '{prefix}{f.name}' must be one of {', '.join(map(str, choices))}; "
+                              f"got {getattr(obj, f.name)!r}")
+
+
 def _fields(cls) -> dict[str, Any]:
     hints = get_type_hints(cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
@@ -141,8 +164,15 @@ def _coerce(value, typ, key: str):
         if not isinstance(value, bool):
             raise ConfigError(f"config key '{key}' expects true/false; got {value!r}")
         return value
-    if origin is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
+    if origin is float:
+        if isinstance(value, str):  # YAML reads `1e-3` (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"config key '{key}' expects float; got {value!r}")
     if origin in (int, str, list, dict) and not isinstance(value, origin) or (origin is int and isinstance(value, bool)):
         raise ConfigError(f"config key '{key}' expects {origin.__name__}; got {value!r}")
     return value
@@ -155,7 +185,9 @@ def _build(cls, values: dict, prefix: str = ""):
             near = difflib.get_close_matches(key, fields, n=1)
             hint = f"; did you mean '{prefix}{near[0]}'?" if near else f"; valid keys: {', '.join(fields)}"
             raise ConfigError(f"unknown config key '{prefix}{key}'{hint}")
-    return cls(**{k: _coerce(v, fields[k], prefix + k) for k, v in values.items()})
+    obj = cls(**{k: _coerce(v, fields[k], prefix + k) for k, v in values.items()})
+    _check_choices(cls, obj, prefix)
+    return obj
 
 
 def _merge(into: dict, new: dict) -> dict:
@@ -197,7 +229,7 @@ def parse_overrides(overrides: list[str]) -> dict:
 
 def load_config(path: str | Path | None = None, overrides: list[str] = (), base: dict | None = None) -> Config:
     """Defaults <- `base` dict (e.g. a checkpoint's config) <- YAML file <- key=value overrides."""
-    values: dict = _merge({}, base or {})
+    values: dict = copy.deepcopy(base or {})  # merges below write into nested dicts: never the caller's
     if path:
         _merge(values, _read_yaml(Path(path)))
     _merge(values, parse_overrides(list(overrides)))
