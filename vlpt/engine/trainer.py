@@ -73,14 +73,13 @@ def train(cfg: Config) -> Path:
     torch.manual_seed(cfg.train.seed)
     model = methods.build(cfg, tokenizer.vocab_size).to(device)
     optimizer, scheduler = build_optimizer(model, cfg, device)
-    step, skipped = 0, 0
+    step, skipped, state = 0, 0, None
     if cfg.train.resume:
         path = checkpoint.resolve(cfg.train.resume, out)
         checkpoint.load_weights(path, model)
         state = checkpoint.load_state(path)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        checkpoint.set_rng_state(state["rng"])
         step, skipped = state["step"], state.get("skipped", 0)
     ddp = DistributedDataParallel(model) if distributed.is_distributed() else model
 
@@ -108,20 +107,22 @@ def train(cfg: Config) -> Path:
 
     model.train()
     batches = iter(loader)
+    if state is not None:  # after iter(): creating the loader's iterator draws from the global RNG
+        checkpoint.set_rng_state(state["rng"])
     bar = tqdm(total=cfg.train.steps, initial=step, disable=not (main and cfg.train.progress), desc=cfg.method.name,
                dynamic_ncols=True)
     sums: dict[str, torch.Tensor] = {}
-    tick, samples = time.perf_counter(), 0
+    tick, samples, logged = time.perf_counter(), 0, step
     while step < cfg.train.steps:
         for micro in range(accumulate):
             batch = to_device(next(batches), device)
             skipped_now = batch.pop("skipped")
             sync = micro == accumulate - 1 or not isinstance(ddp, DistributedDataParallel)
             with (nullcontext() if sync else ddp.no_sync()), autocast(device, cfg.train.precision):
-                losses = ddp(batch, step)
-                total = sum(weights.get(k, 1.0) * v for k, v in losses.items())
+                outputs = ddp(batch, step)
+                total = sum(weights.get(k, 1.0) * v for k, v in outputs.items() if k in cfg.method.losses)
             (total / accumulate).backward()
-            for k, v in losses.items():
+            for k, v in outputs.items():  # losses and the method's own metrics (codebook usage, ...)
                 sums[k] = sums.get(k, 0) + v.detach() / accumulate
             sums["skipped"] = sums.get("skipped", 0) + skipped_now
             samples += batch["image"].shape[0] * distributed.world_size()
@@ -135,15 +136,15 @@ def train(cfg: Config) -> Path:
         step += 1
         bar.update(1)
         if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-            n = cfg.train.log_every if step % cfg.train.log_every == 0 else step % cfg.train.log_every
+            n = step - logged  # steps summed since the last line (fewer after a resume or at the end)
             values = {k: distributed.all_mean(v.float()).item() / (1 if k == "skipped" else n) for k, v in sums.items()}
             skipped += int(round(values.pop("skipped") * distributed.world_size()))
             elapsed = time.perf_counter() - tick
             row = {**{k: round(v, 5) for k, v in values.items()}, "lr": scheduler.get_last_lr()[0],
                    "samples_per_s": round(samples / elapsed, 2), "skipped_images": skipped}
             log.write(step, **row)
-            bar.set_postfix({k: f"{v:.3g}" for k, v in row.items() if k in losses or k == "samples_per_s"})
-            sums, tick, samples = {}, time.perf_counter(), 0
+            bar.set_postfix({k: f"{v:.3g}" for k, v in row.items() if k in cfg.method.losses or k == "samples_per_s"})
+            sums, tick, samples, logged = {}, time.perf_counter(), 0, step
         if step % cfg.train.save_every == 0 or step == cfg.train.steps:
             save(step)
     bar.close()

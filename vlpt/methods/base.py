@@ -7,16 +7,20 @@ A method subclasses `Method` and writes `forward(batch, step) -> {loss name: sca
 from __future__ import annotations
 
 import difflib
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from vlpt.config import Config
+from vlpt.engine import distributed
 from vlpt.models.momentum import MomentumTeacher
 from vlpt.models.text import FusionEncoder, MLMHead, TextEncoder, init_bert_, load_bert_weights
 from vlpt.models.vision import build_vit
-from vlpt.objectives.contrastive import FeatureQueues
+from vlpt.objectives.contrastive import FeatureQueues, alignment_loss
+from vlpt.objectives.masked_language import mlm_loss
+from vlpt.objectives.matching import itm_loss, sample_hard_negatives
 
 _REGISTRY: dict[str, type["Method"]] = {}
 
@@ -96,6 +100,72 @@ class Method(nn.Module):
         words = self._part("text", teacher).embeddings.word.weight
         return self._part("mlm_head", teacher)(fused, words)
 
+    # --- the shared pretraining computations ------------------------------------------------------------------------
+    def features(self, batch: dict) -> "Features":
+        """Student and teacher unimodal features, computed once per step and reused by every loss."""
+        image_tokens, image_feat = self.encode_image(batch["image"])
+        text_hidden, text_feat = self.encode_text(batch["text_ids"], batch["text_mask"])
+        with torch.no_grad():
+            teacher_tokens, teacher_image = self.encode_image(batch["image"], teacher=True)
+            _, teacher_text = self.encode_text(batch["text_ids"], batch["text_mask"], teacher=True)
+            ids = batch["image_id"]
+            batch_ids = distributed.gather(ids)
+            positives = ids[:, None] == torch.cat([batch_ids, self.queues.ids])[None]
+            image_keys = torch.cat([distributed.gather(teacher_image), self.queues.image.clone()])
+            text_keys = torch.cat([distributed.gather(teacher_text), self.queues.text.clone()])
+        return Features(image_tokens, image_feat, text_hidden, text_feat, batch["text_mask"], teacher_tokens,
+                        teacher_image, teacher_text, ids, image_keys, text_keys, positives, len(batch_ids))
+
+    def itc(self, f: "Features", step: int) -> torch.Tensor:
+        """ALBEF Eq. 1-3, 6 against the queues; with `method.intra`, CODIS Eq. 4-5 adds i2i and t2t."""
+        return alignment_loss(f.image_feat, f.text_feat, f.image_keys, f.text_keys, f.positives, self.temperature(),
+                              self.alpha(step), f.teacher_image, f.teacher_text, intra=self.cfg.method.intra)
+
+    def itm(self, f: "Features", step: int) -> torch.Tensor:
+        """ALBEF Eq. 4: one hard negative text per image and one hard negative image per text, drawn from the whole
+        (global) batch by contrastive similarity; the noise comes from a (seed, step) generator sliced by rank, so
+        N ranks draw what one process with the global batch would."""
+        n_local, n_all = f.image_feat.shape[0], f.batch_size
+        temp = self.temperature()
+        with torch.no_grad():
+            sim_i2t = f.image_feat @ f.text_keys[:n_all].t() / temp
+            sim_t2i = f.text_feat @ f.image_keys[:n_all].t() / temp
+            gen = torch.Generator(sim_i2t.device).manual_seed(self.cfg.train.seed * 7919 + step)
+            noise = torch.rand(2, n_all, n_all, generator=gen, device=sim_i2t.device)[:, distributed.local_rows(n_local)]
+            positives = f.positives[:, :n_all]
+            neg_image = sample_hard_negatives(sim_t2i, positives, noise[0])
+            neg_text = sample_hard_negatives(sim_i2t, positives, noise[1])
+        all_tokens = distributed.gather(f.image_tokens, grad=True)
+        all_hidden = distributed.gather(f.text_hidden, grad=True)
+        all_mask = distributed.gather(f.text_mask)
+        images = torch.cat([f.image_tokens, all_tokens[neg_image], f.image_tokens])
+        texts = torch.cat([f.text_hidden, f.text_hidden, all_hidden[neg_text]])
+        masks = torch.cat([f.text_mask, f.text_mask, all_mask[neg_text]])
+        labels = torch.cat([torch.ones(n_local), torch.zeros(2 * n_local)]).long().to(images.device)
+        return itm_loss(self.itm_logits(images, texts, masks), labels)
+
+    def mlm(self, f: "Features", batch: dict, step: int) -> torch.Tensor:
+        """ALBEF Eq. 5 + 7: masked tokens predicted from text and image, distilled from the teacher."""
+        logits = self.mlm_logits(f.image_tokens, batch["mlm_ids"], f.text_mask)
+        with torch.no_grad():
+            teacher_logits = self.mlm_logits(f.teacher_tokens, batch["mlm_ids"], f.text_mask, teacher=True)
+        labels = batch["mlm_labels"]
+        return mlm_loss(logits, labels, teacher_logits, self.alpha(step), distributed.mean_count((labels >= 0).sum()))
+
+    def standard_losses(self, f: "Features", batch: dict, step: int) -> dict[str, torch.Tensor]:
+        """ITC, ITM and MLM, those of them listed in `method.losses`."""
+        losses, out = self.cfg.method.losses, {}
+        if "itc" in losses:
+            out["itc"] = self.itc(f, step)
+        if "itm" in losses:
+            out["itm"] = self.itm(f, step)
+        if "mlm" in losses:
+            out["mlm"] = self.mlm(f, batch, step)
+        return out
+
+    def push_queues(self, f: "Features") -> None:
+        self.queues.push(f.image_id, image=f.teacher_image, text=f.teacher_text)
+
     # --- training hooks used by the trainer ----------------------------------------------------------------------
     def temperature(self) -> torch.Tensor:
         return self.temp.clamp(0.001, 0.5)
@@ -110,4 +180,24 @@ class Method(nn.Module):
         self.teacher.update()
 
     def forward(self, batch: dict, step: int) -> dict[str, torch.Tensor]:
+        """Named losses (summed by the trainer when listed in `method.losses`) and metrics (logged only)."""
         raise NotImplementedError
+
+
+@dataclass
+class Features:
+    """One step's features: student tokens and normalised projections, the teacher's, and the ITC keys
+    (gathered teacher features of the global batch, then the queue) with the positives of each local row."""
+    image_tokens: torch.Tensor
+    image_feat: torch.Tensor
+    text_hidden: torch.Tensor
+    text_feat: torch.Tensor
+    text_mask: torch.Tensor
+    teacher_tokens: torch.Tensor
+    teacher_image: torch.Tensor
+    teacher_text: torch.Tensor
+    image_id: torch.Tensor
+    image_keys: torch.Tensor
+    text_keys: torch.Tensor
+    positives: torch.Tensor
+    batch_size: int

@@ -37,6 +37,19 @@ def itc_loss(image_feat, text_feat, image_keys, text_keys, positives, temperatur
     return (loss_i2t + loss_t2i) / 2, sim_i2t, sim_t2i
 
 
+def alignment_loss(image_feat, text_feat, image_keys, text_keys, positives, temperature, alpha: float = 0.0,
+                   teacher_image=None, teacher_text=None, intra: bool = False) -> torch.Tensor:
+    """CODIS Eq. 4-5: cross-modal i2t + t2i and, with `intra`, intra-modal i2i + t2t, each an `info_nce` against the
+    other (cross) or the own (intra) modality's keys with teacher soft targets; divided by 2 so that with `intra`
+    off it is exactly ALBEF's ITC (Eq. 1-3)."""
+    loss, _, _ = itc_loss(image_feat, text_feat, image_keys, text_keys, positives, temperature, alpha,
+                          teacher_image, teacher_text)
+    if intra:
+        loss = loss + info_nce(image_feat, image_keys, positives, temperature, alpha, teacher_image)[0] / 2
+        loss = loss + info_nce(text_feat, text_keys, positives, temperature, alpha, teacher_text)[0] / 2
+    return loss
+
+
 class FeatureQueues(nn.Module):
     """FIFO queues of momentum features (MoCo; ALBEF Sec. 3.2), one per name, gathered from every rank on push.
 
