@@ -139,4 +139,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         args.func(args)
     except (ConfigError, AnnotationError, ImageError, FileNotFoundError) as err:
-        sys.exit(f"vlpt: error: {err}")
+        message = str(err)
+        if "Original Traceback" in message:  # raised in a DataLoader worker: torch prepends the worker's traceback
+            message = message.rstrip().splitlines()[-1].split(": ", 1)[-1]
+        sys.exit(f"vlpt: error: {message}")

@@ -81,7 +81,8 @@ def train(cfg: Config) -> Path:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         step, skipped = state["step"], state.get("skipped", 0)
-    ddp = DistributedDataParallel(model) if distributed.is_distributed() else model
+    # find_unused_parameters: ablations (e.g. losses: [itc]) leave the fusion encoder and heads without gradient
+    ddp = DistributedDataParallel(model, find_unused_parameters=True) if distributed.is_distributed() else model
 
     accumulate = cfg.optim.accumulate
     loader = pair_loader(records, cfg.data.root, tokenizer, image_size=cfg.model.vision.image_size,

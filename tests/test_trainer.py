@@ -1,0 +1,224 @@
+"""The training loop: learning, exact resume (library and CLI), DDP equivalence, atomic and checked checkpoints."""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import vlpt.cli
+from vlpt.config import load_config
+from vlpt.engine import checkpoint
+from vlpt.engine.logging import read_metrics
+from vlpt.engine.trainer import train
+
+CONFIG = "pretrain/albef_tiny.yaml"
+TINY = ["model.vision.image_size=32", "model.vision.patch_size=8", "model.vision.width=32", "model.vision.depth=1",
+        "model.vision.heads=2", "model.text.width=32", "model.text.heads=2", "model.text.intermediate=64",
+        "model.text.text_layers=1", "model.text.fusion_layers=1", "model.text.max_len=24", "method.embed_dim=16",
+        "method.queue_size=64", "data.batch_size=8", "data.num_workers=0", "train.progress=false",
+        "train.device=cpu", "train.precision=fp32", "train.threads=1", "optim.warmup_steps=2"]
+LOSSES = ("itc", "itm", "mlm")
+
+
+def overrides(root: Path, out: Path, *extra: str) -> list[str]:
+    return [*TINY, f"data.root={root}", f"train.out={out}", *extra]
+
+
+def config(root: Path, out: Path, *extra: str):
+    return load_config(vlpt.cli.find_config(CONFIG), overrides(root, out, *extra))
+
+
+def weights(run: Path, step: int) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "checkpoints" / f"step_{step:06d}" / checkpoint.WEIGHTS))
+
+
+def step_folders(run: Path) -> list[str]:
+    return sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("step_"))
+
+
+class Interrupt(Exception):
+    pass
+
+
+def crash_after_saving(monkeypatch, at: int) -> None:
+    """Make `checkpoint.save` raise once checkpoint `at` is on disk, as if the job were killed right after it."""
+    original = checkpoint.save
+
+    def save(out, step, *args, **kwargs):
+        path = original(out, step, *args, **kwargs)
+        if step == at:
+            raise Interrupt(f"killed after step {at}")
+        return path
+
+    monkeypatch.setattr(checkpoint, "save", save)
+
+
+def test_loss_goes_down(shapes_data, tmp_path):
+    out = train(config(shapes_data, tmp_path / "run", "train.steps=40", "train.log_every=1", "optim.lr=0.001",
+                       "optim.warmup_steps=5"))
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows] == list(range(1, 41))
+    for name in LOSSES:
+        first = statistics.mean(r[name] for r in rows[:5])
+        last = statistics.mean(r[name] for r in rows[-5:])
+        assert last < first, (name, first, last)
+    assert rows[-1]["skipped_images"] == 0
+    assert all(r["lr"] > 0 and r["samples_per_s"] > 0 for r in rows)
+
+
+def test_resume_is_exact(shapes_data, tmp_path, monkeypatch):
+    """A run killed after its step-3 checkpoint and resumed from `latest` ends bitwise equal to an uninterrupted
+    one: weights, momentum teacher and queues. Text dropout makes the result depend on the restored RNG state."""
+    n = 3
+    common = ["train.steps=6", f"train.save_every={n}", "model.text.dropout=0.1", "optim.lr=0.001"]
+    a = train(config(shapes_data, tmp_path / "a", *common, "train.log_every=1"))
+
+    crash_after_saving(monkeypatch, n)
+    with pytest.raises(Interrupt):
+        train(config(shapes_data, tmp_path / "b", *common, "train.log_every=2"))
+    monkeypatch.undo()
+    assert checkpoint.resolve("latest", tmp_path / "b").name == f"step_{n:06d}"
+    b = train(config(shapes_data, tmp_path / "b", *common, "train.log_every=2", "train.resume=latest"))
+
+    wa, wb = weights(a, 2 * n), weights(b, 2 * n)
+    assert wa.keys() == wb.keys()
+    assert any(k.startswith("teacher.") for k in wa) and {"queues.image", "queues.text", "queues.ids"} <= set(wa)
+    differ = [k for k in wa if not torch.equal(wa[k], wb[k])]
+    assert not differ, f"resumed weights differ from the uninterrupted run's: {differ[:5]}"
+    assert not torch.equal(wa["queues.image"], weights(a, n)["queues.image"])  # the check is not vacuous
+    sa, sb = (checkpoint.load_state(run / "checkpoints" / f"step_{2 * n:06d}") for run in (a, b))
+    assert sa["step"] == sb["step"] == 2 * n
+    assert sa["scheduler"] == sb["scheduler"]
+
+    # Metrics after a resume average only the steps run since it: step 4 is step 4 alone, not half of it.
+    per_step = {r["step"]: r for r in read_metrics(a)}
+    logged = {r["step"]: r for r in read_metrics(b)}
+    assert sorted(logged) == [2, 4, 6]
+    for name in LOSSES:
+        assert logged[2][name] == pytest.approx((per_step[1][name] + per_step[2][name]) / 2, abs=1e-4)
+        assert logged[4][name] == pytest.approx(per_step[4][name], abs=1e-4)
+        assert logged[6][name] == pytest.approx((per_step[5][name] + per_step[6][name]) / 2, abs=1e-4)
+
+
+def test_cli_resume_latest(shapes_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["pretrain", "--config", CONFIG, *overrides(shapes_data, out, "train.log_every=1", "train.save_every=2")]
+    with pytest.raises(SystemExit) as err:  # nothing to resume yet: a clean message, not a traceback
+        vlpt.cli.main([*args, "train.steps=2", "--resume", "latest"])
+    assert "no checkpoint" in str(err.value.code) and str(out) in str(err.value.code)
+
+    vlpt.cli.main([*args, "train.steps=2"])
+    before = weights(out, 2)
+    vlpt.cli.main([*args, "train.steps=4", "--resume", "latest"])
+    assert f"run folder: {out}" in capsys.readouterr().out
+    assert checkpoint.resolve(out).name == "step_000004"
+    assert checkpoint.load_state(checkpoint.resolve(out))["step"] == 4
+    assert [r["step"] for r in read_metrics(out)] == [1, 2, 3, 4]  # continued at step 3, did not start over
+    assert not torch.equal(before["temp"], weights(out, 4)["temp"])
+    model, cfg, _ = checkpoint.load_method(out)
+    assert cfg.train.steps == 4 and cfg.train.resume == "latest" and not model.training
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_ddp_matches_one_process(shapes_data, tmp_path):
+    """2 gloo ranks with 4 samples each = 1 process with 8: the same losses at every step, the same weights."""
+    steps = ["train.steps=3", "train.log_every=1", "optim.lr=0.001"]
+    single = train(config(shapes_data, tmp_path / "one", *steps))
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(free_port()), "-m", "vlpt", "pretrain", "--config", CONFIG,
+           *overrides(shapes_data, tmp_path / "two", *steps), "data.batch_size=4"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    double = tmp_path / "two"
+
+    one, two = read_metrics(single), read_metrics(double)
+    assert [r["step"] for r in one] == [r["step"] for r in two] == [1, 2, 3]
+    for r1, r2 in zip(one, two):
+        for name in (*LOSSES, "grad_norm", "lr"):
+            assert r2[name] == pytest.approx(r1[name], rel=1e-4), (r1["step"], name)
+    w1, w2 = weights(single, 3), weights(double, 3)
+    assert w1.keys() == w2.keys()
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], atol=1e-5, rtol=0, msg=lambda m: f"{k}: {m}")
+
+
+@pytest.mark.parametrize("failing", ["weights", "state", "latest"])
+def test_crash_while_saving_keeps_the_previous_checkpoint(shapes_data, tmp_path, monkeypatch, failing):
+    out = tmp_path / "run"
+    cfg = config(shapes_data, out, "train.steps=4", "train.save_every=2")
+    calls = []
+
+    def half_written(write, file_arg: int | None):
+        def broken(*args, **kwargs):
+            calls.append(args)
+            if len(calls) == 1:
+                return write(*args, **kwargs)
+            if file_arg is not None:
+                Path(args[file_arg]).write_bytes(b"\0" * 100)  # a partial file, then the disk fills up
+            raise OSError(28, "No space left on device")
+        return broken
+
+    if failing == "weights":
+        monkeypatch.setattr(checkpoint, "save_file", half_written(checkpoint.save_file, 1))
+    elif failing == "state":
+        monkeypatch.setattr(checkpoint.torch, "save", half_written(torch.save, 1))
+    else:  # the new folder is in place but `latest` was not updated
+        monkeypatch.setattr(checkpoint, "_replace_text", half_written(checkpoint._replace_text, None))
+    with pytest.raises(OSError, match="No space left"):
+        train(cfg)
+    monkeypatch.undo()
+
+    assert len(calls) == 2
+    path = checkpoint.resolve("latest", out)
+    assert path.name == "step_000002"
+    for name in step_folders(out):  # every folder named step_* is complete
+        folder = out / "checkpoints" / name
+        assert {p.name for p in folder.iterdir()} >= {checkpoint.WEIGHTS, checkpoint.STATE, checkpoint.CONFIG,
+                                                       checkpoint.VOCAB}
+        load_file(str(folder / checkpoint.WEIGHTS))
+        assert checkpoint.load_state(folder)["step"] == int(name.split("_")[1])
+    assert step_folders(out) == (["step_000002", "step_000004"] if failing == "latest" else ["step_000002"])
+    model, _, _ = checkpoint.load_method(out)
+    saved = weights(out, 2)
+    assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())
+
+    # ... and training resumes from it.
+    train(config(shapes_data, out, "train.steps=4", "train.save_every=2", "train.resume=latest"))
+    assert checkpoint.resolve(out).name == "step_000004"
+    assert checkpoint.load_state(checkpoint.resolve(out))["step"] == 4
+
+
+@pytest.fixture(scope="module")
+def finished_run(shapes_data, tmp_path_factory) -> Path:
+    return train(config(shapes_data, tmp_path_factory.mktemp("run") / "run", "train.steps=1"))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
+def test_corrupt_weights_give_an_error_naming_the_file(finished_run, shapes_data, tmp_path, damage):
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    file = checkpoint.resolve(run) / checkpoint.WEIGHTS
+    data = file.read_bytes()
+    file.write_bytes({"truncated": data[:len(data) // 2], "garbage": b"\xff" * 64, "empty": b""}[damage])
+
+    with pytest.raises(ValueError, match="corrupt") as err:
+        checkpoint.load_method(run)
+    assert str(file) in str(err.value)
+    with pytest.raises(ValueError, match="corrupt") as err:
+        train(config(shapes_data, run, "train.steps=2", "train.resume=latest"))
+    assert str(file) in str(err.value)
