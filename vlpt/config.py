@@ -43,6 +43,8 @@ class TextConfig:
     fusion_layers: int = opt(3, "layers of the fusion encoder (self- and cross-attention)")
     max_len: int = opt(32, "maximum tokens per text, [CLS] and [SEP] included")
     dropout: float = opt(0.0, "dropout in text and fusion layers (BERT uses 0.1)")
+    pool: str = opt("cls", "text and fused states -> one vector for ITC and ITM: cls (BERT, ALBEF) or mean over tokens "
+                    "(small post-norm encoders trained from scratch learn far faster with it)", ("cls", "mean"))
     pretrained: str = opt("", "Hugging Face BERT folder (config.json + safetensors) to initialise from; empty trains from scratch")
 
 

@@ -7,7 +7,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from vlpt.data.annotations import ImageError, load_annotations, load_image
-from vlpt.data.masking import mask_tokens
+from vlpt.data.masking import IGNORE, mask_tokens
 from vlpt.data.tokenizer import Tokenizer
 from vlpt.data.transforms import image_transform
 
@@ -48,25 +48,30 @@ class PairDataset(Dataset):
 
 
 class Collate:
-    """Stack images, tokenise texts, and (with `mlm_probability`) add masked ids and labels seeded per sample."""
+    """Stack images, tokenise texts, and (with `mlm_probability`) add masked ids and labels seeded per sample.
 
-    def __init__(self, tokenizer: Tokenizer, max_len: int, mlm_probability: float = 0.0, seed: int = 0):
+    Texts are padded to the batch's longest (a multiple of 8), or to `max_len` with `fixed` (under DDP, where ranks
+    gather each other's texts). Masks are drawn over each text's own tokens, so padding never changes them.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, max_len: int, mlm_probability: float = 0.0, seed: int = 0,
+                 fixed: bool = False):
         self.tokenizer, self.max_len, self.mlm_probability, self.seed = tokenizer, max_len, mlm_probability, seed
+        self.fixed = fixed
 
     def __call__(self, samples: list[dict]) -> dict:
-        ids, mask = self.tokenizer([s["text"] for s in samples], self.max_len)
+        ids, mask = self.tokenizer([s["text"] for s in samples], self.max_len, self.fixed)
         batch = {"image": torch.stack([s["image"] for s in samples]), "text_ids": ids, "text_mask": mask,
                  "image_id": torch.tensor([s["image_id"] for s in samples]),
                  "skipped": torch.tensor(sum(s["skipped"] for s in samples))}
         if self.mlm_probability > 0:
-            masked, labels = zip(*(self._mask(row, s["draw"]) for row, s in zip(ids, samples)))
-            batch["mlm_ids"], batch["mlm_labels"] = torch.stack(masked), torch.stack(labels)
+            batch["mlm_ids"], batch["mlm_labels"] = ids.clone(), torch.full_like(ids, IGNORE)
+            for row, (n, s) in enumerate(zip(mask.sum(1).tolist(), samples)):
+                gen = torch.Generator().manual_seed(self.seed * 1_000_003 + s["draw"])
+                t = self.tokenizer
+                batch["mlm_ids"][row, :n], batch["mlm_labels"][row, :n] = mask_tokens(
+                    ids[row, :n], self.mlm_probability, t.mask_id, t.vocab_size, t.special_ids, gen)
         return batch
-
-    def _mask(self, ids: torch.Tensor, draw: int):
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + draw)
-        t = self.tokenizer
-        return mask_tokens(ids, self.mlm_probability, t.mask_id, t.vocab_size, t.special_ids, gen)
 
 
 class ResumableSampler:
@@ -101,7 +106,7 @@ def pair_loader(records: list[dict], root, tokenizer: Tokenizer, *, image_size: 
     dataset = PairDataset(records, root, image_transform(image_size, augment), skip_bad)
     sampler = ResumableSampler(len(dataset), batch_size, seed, rank, world, start)
     return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
-                      collate_fn=Collate(tokenizer, max_len, mlm_probability, seed),
+                      collate_fn=Collate(tokenizer, max_len, mlm_probability, seed, fixed=world > 1),
                       pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0,
                       prefetch_factor=4 if num_workers > 0 else None)
 

@@ -38,10 +38,11 @@ class Tokenizer:
         out.write_text("".join(f"{token}\n" for token, _ in vocab))
         return cls(out)
 
-    def __call__(self, texts: list[str], max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Truncated and padded to `max_len` (fixed shapes: equal across ranks, compile-friendly): ids, mask (B,L)."""
+    def __call__(self, texts: list[str], max_len: int, fixed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Truncated to `max_len`, padded to the longest text rounded up to a multiple of 8, or to `max_len` when
+        `fixed` (equal shapes on every rank, for gathers under DDP): ids, mask (B,L) long."""
         self._tok.enable_truncation(max_len)
-        self._tok.enable_padding(pad_id=self.pad_id, length=max_len)
+        self._tok.enable_padding(pad_id=self.pad_id, length=max_len if fixed else None, pad_to_multiple_of=8)
         enc = self._tok.encode_batch(list(texts))
         ids = torch.tensor([e.ids for e in enc], dtype=torch.long)
         mask = torch.tensor([e.attention_mask for e in enc], dtype=torch.long)

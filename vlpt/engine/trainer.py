@@ -59,6 +59,38 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
+def forward_backward(ddp, batches, step: int, cfg: Config, device: torch.device) -> dict[str, torch.Tensor]:
+    """`optim.accumulate` micro-batches of forward and backward; the weighted sum of the losses named in
+    `method.losses` is differentiated, every output (losses and metrics) is returned averaged over micro-batches,
+    with `skipped` (unreadable images replaced) and `samples` (global) counts."""
+    accumulate, weights = cfg.optim.accumulate, cfg.method.loss_weights
+    sums: dict[str, torch.Tensor] = {}
+    for micro in range(accumulate):
+        batch = to_device(next(batches), device)
+        sums["skipped"] = sums.get("skipped", 0) + batch.pop("skipped", torch.tensor(0))
+        sync = micro == accumulate - 1 or not isinstance(ddp, DistributedDataParallel)
+        with (nullcontext() if sync else ddp.no_sync()), autocast(device, cfg.train.precision):
+            outputs = ddp(batch, step)
+            total = sum(weights.get(k, 1.0) * v for k, v in outputs.items() if k in cfg.method.losses)
+        (total / accumulate).backward()
+        for k, v in outputs.items():
+            sums[k] = sums.get(k, 0) + v.detach() / accumulate
+    sums["samples"] = accumulate * batch["image"].shape[0] * distributed.world_size()
+    return sums
+
+
+def train_step(ddp, model, optimizer, scheduler, batches, step: int, cfg: Config, device: torch.device) -> dict:
+    """One optimiser step: forward/backward over the micro-batches, clipping, AdamW, schedule, teacher EMA."""
+    outputs = forward_backward(ddp, batches, step, cfg, device)
+    if cfg.optim.grad_clip > 0:
+        outputs["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip).detach()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    scheduler.step()
+    model.after_step(step)
+    return outputs
+
+
 def train(cfg: Config) -> Path:
     """Pretrain `cfg.method.name` on `cfg.data.train`; returns the run folder."""
     if cfg.train.threads > 0:
@@ -115,25 +147,10 @@ def train(cfg: Config) -> Path:
     sums: dict[str, torch.Tensor] = {}
     tick, samples, logged = time.perf_counter(), 0, step
     while step < cfg.train.steps:
-        for micro in range(accumulate):
-            batch = to_device(next(batches), device)
-            skipped_now = batch.pop("skipped")
-            sync = micro == accumulate - 1 or not isinstance(ddp, DistributedDataParallel)
-            with (nullcontext() if sync else ddp.no_sync()), autocast(device, cfg.train.precision):
-                outputs = ddp(batch, step)
-                total = sum(weights.get(k, 1.0) * v for k, v in outputs.items() if k in cfg.method.losses)
-            (total / accumulate).backward()
-            for k, v in outputs.items():  # losses and the method's own metrics (codebook usage, ...)
-                sums[k] = sums.get(k, 0) + v.detach() / accumulate
-            sums["skipped"] = sums.get("skipped", 0) + skipped_now
-            samples += batch["image"].shape[0] * distributed.world_size()
-        if cfg.optim.grad_clip > 0:
-            sums["grad_norm"] = sums.get("grad_norm", 0) + torch.nn.utils.clip_grad_norm_(
-                model.parameters(), cfg.optim.grad_clip).detach()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
-        model.after_step(step)
+        outputs = train_step(ddp, model, optimizer, scheduler, batches, step, cfg, device)
+        samples += outputs.pop("samples")
+        for k, v in outputs.items():  # losses, the method's metrics (codebook usage, ...), skipped, grad_norm
+            sums[k] = sums.get(k, 0) + v
         step += 1
         bar.update(1)
         if step % cfg.train.log_every == 0 or step == cfg.train.steps:

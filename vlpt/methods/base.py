@@ -83,15 +83,22 @@ class Method(nn.Module):
     def encode_text(self, ids: torch.Tensor, mask: torch.Tensor, teacher: bool = False):
         """ids, mask (B,L) -> hidden states (B,L,Wt), normalised projected [CLS] feature (B,D)."""
         hidden = self._part("text", teacher)(ids, mask)
-        return hidden, F.normalize(self._part("text_proj", teacher)(hidden[:, 0]).float(), dim=-1)
+        return hidden, F.normalize(self._part("text_proj", teacher)(self.pool(hidden, mask)).float(), dim=-1)
+
+    def pool(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(B,L,W) -> (B,W): the [CLS] state, or the mean over unpadded tokens (`model.text.pool`)."""
+        if self.cfg.model.text.pool == "cls":
+            return hidden[:, 0]
+        mask = mask[..., None].to(hidden.dtype)
+        return (hidden * mask).sum(1) / mask.sum(1)
 
     def fuse(self, image_tokens, text_hidden, text_mask, teacher: bool = False):
         """Text states attend to image tokens: (B,L,Wt)."""
         return self._part("fusion", teacher)(text_hidden, text_mask, image_tokens)
 
     def itm_logits(self, image_tokens, text_hidden, text_mask):
-        """Match / no-match logits (B,2) from the fused [CLS]."""
-        return self.itm_head(self.fuse(image_tokens, text_hidden, text_mask)[:, 0])
+        """Match / no-match logits (B,2) from the pooled fused states ([CLS] in ALBEF)."""
+        return self.itm_head(self.pool(self.fuse(image_tokens, text_hidden, text_mask), text_mask))
 
     def mlm_logits(self, image_tokens, ids, mask, teacher: bool = False):
         """Vocabulary logits (B,L,V) for (masked) text ids conditioned on the image."""

@@ -83,7 +83,7 @@ def rerank(model, enc: dict, sim: torch.Tensor, k: int, batch_size: int, progres
         itm = torch.cat([_match_scores(model, enc, image_idx[s:s + batch_size], text_idx[s:s + batch_size])
                          for s in tqdm(range(0, len(cand), batch_size), desc="rerank", disable=not progress,
                                        leave=False)])
-        full = torch.full_like(scores, -100.0)
+        full = torch.full(scores.shape, -100.0, device=scores.device)
         full.scatter_(1, top, itm.view_as(top))
         out.append(full)
     return out
@@ -94,7 +94,7 @@ def rerank_loop(model, enc: dict, sim: torch.Tensor, k: int):
     """The reference implementation's per-query loop: one fusion pass of k pairs per query (for benchmarks)."""
     out = []
     for scores, queries_are_images in ((sim, True), (sim.t(), False)):
-        full = torch.full_like(scores, -100.0)
+        full = torch.full(scores.shape, -100.0, device=scores.device)
         for q in range(len(scores)):
             top = scores[q].topk(min(k, scores.shape[1])).indices
             query = torch.full_like(top, q)
@@ -125,7 +125,7 @@ def evaluate(model, annotation: str | Path, root: str | Path, tokenizer, *, imag
     images, texts, img2txt, txt2img = read_split(annotation)
     enc = encode_split(model, [Path(root) / p for p in images], texts, tokenizer, image_size, max_len, batch_size,
                        device, num_workers, progress)
-    sim = enc["image_feat"] @ enc["text_feat"].t()
+    sim = enc["image_feat"].float() @ enc["text_feat"].float().t()  # fp32 even under autocast: no bf16 ties
     i2t, t2i = rerank(model, enc, sim, k, batch_size, progress)
     itc = recall_metrics(sim.cpu().numpy(), sim.t().cpu().numpy(), img2txt, txt2img)
     metrics = recall_metrics(i2t.cpu().numpy(), t2i.cpu().numpy(), img2txt, txt2img)

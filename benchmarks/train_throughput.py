@@ -1,0 +1,305 @@
+"""Training throughput of the real pretraining step: samples/s, ms/step, peak memory, FLOPs and MFU per config.
+
+The model, optimiser, autocast and device transfer are the trainer's own (`methods.build`, `build_optimizer`,
+`autocast`) and so is the step (`train_step`, `forward_backward`). Batches are synthetic
+(random images, random token ids with a realistic padding mask, MLM ids/labels from `mask_tokens`, distinct image
+ids), so no data set is needed; `--data DIR` additionally times the real loader (`pair_loader`) on its own.
+
+    python benchmarks/train_throughput.py                          # albef_tiny on CPU (+ albef_base on CUDA)
+    python benchmarks/train_throughput.py --steps 5 --warmup 2 --batch-size 16
+    python benchmarks/train_throughput.py --configs configs/pretrain/albef_base.yaml --device cuda train.precision=bf16
+    python benchmarks/train_throughput.py --data data/shapes       # also the loader's own samples/s
+
+See benchmarks/README.md for what each column means.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+
+from vlpt import methods  # noqa: E402
+from vlpt.cli import find_config  # noqa: E402
+from vlpt.config import Config, load_config  # noqa: E402
+from vlpt.data import synthetic  # noqa: E402
+from vlpt.data.masking import mask_tokens  # noqa: E402
+from vlpt.engine.trainer import autocast, build_optimizer, forward_backward, pick_device, train_step  # noqa: E402
+
+TINY, BASE = "configs/pretrain/albef_tiny.yaml", "configs/pretrain/albef_base.yaml"
+BERT_VOCAB = 30522  # bert-base-uncased, ALBEF's vocabulary
+SHAPES_VOCAB = len(synthetic.SPECIAL_TOKENS) + len(synthetic.VOCAB)
+# Vocabulary size of the synthetic batches when neither --vocab-size, --data nor model.text.pretrained gives one:
+# the data each config is meant for (the tiny model trains on the shapes data set).
+DEFAULT_VOCAB = {"albef_tiny": SHAPES_VOCAB}
+SPECIAL = {"pad": 0, "cls": 2, "sep": 3, "mask": 4}  # the shapes vocab layout: [PAD] [UNK] [CLS] [SEP] [MASK]
+H100_BF16_TFLOPS = 989.0  # dense bf16 peak of an H100 SXM (and H200)
+
+
+# ------------------------------------------------------------------------------------------- synthetic batches
+def synthetic_batches(cfg: Config, batch_size: int, vocab_size: int, n: int, pin: bool, seed: int = 0):
+    """Endless batches cycling over `n` pre-made ones; image ids are fresh every batch (distinct, as in a large
+    data set, so the ITC queue holds no false positives). Captions are 25 %..100 % of max_len long."""
+    gen = torch.Generator().manual_seed(seed)
+    size, max_len = cfg.model.vision.image_size, cfg.model.text.max_len
+    specials = sorted(SPECIAL.values()) + [1]
+    mlm = cfg.method.mlm_probability if "mlm" in cfg.method.losses else 0.0
+    made = []
+    for _ in range(n):
+        lengths = torch.randint(max(3, max_len // 4), max_len + 1, (batch_size,), generator=gen)
+        positions = torch.arange(max_len)[None]
+        mask = (positions < lengths[:, None]).long()
+        ids = torch.randint(len(specials), vocab_size, (batch_size, max_len), generator=gen)
+        ids[:, 0] = SPECIAL["cls"]
+        ids[positions.expand(batch_size, -1) == (lengths - 1)[:, None]] = SPECIAL["sep"]
+        ids[mask == 0] = SPECIAL["pad"]
+        batch = {"image": torch.randn(batch_size, 3, size, size, generator=gen), "text_ids": ids, "text_mask": mask,
+                 "skipped": torch.tensor(0)}
+        if mlm > 0:
+            batch["mlm_ids"], batch["mlm_labels"] = mask_tokens(ids, mlm, SPECIAL["mask"], vocab_size, specials, gen)
+        if pin:
+            batch = {k: v.pin_memory() for k, v in batch.items()}
+        made.append(batch)
+    i = 0
+    while True:
+        yield {**made[i % n], "image_id": torch.arange(i * batch_size, (i + 1) * batch_size)}
+        i += 1
+
+
+# -------------------------------------------------------------------------------------------------- measuring
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class RSSPeak:
+    """CPU memory: peak resident set size growth over a baseline, in bytes.
+
+    Linux: writing 5 to /proc/self/clear_refs resets the high-water mark (VmHWM) to the current RSS, so the peak
+    is measured from `reset()` on. Elsewhere (or if that file is not writable) it falls back to
+    getrusage's ru_maxrss, the peak of the whole process's life, which an earlier, larger peak can hide.
+    """
+
+    def __init__(self):
+        self.how = "VmHWM"
+        try:
+            self._clear()
+            self._status("VmHWM")
+        except OSError:
+            self.how = "ru_maxrss"
+
+    @staticmethod
+    def _clear() -> None:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+
+    @staticmethod
+    def _status(key: str) -> int:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+        raise OSError(f"no {key} in /proc/self/status")
+
+    def _peak(self) -> int:
+        if self.how == "VmHWM":
+            return self._status("VmHWM")
+        scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+    def reset(self) -> None:
+        if self.how == "VmHWM":
+            self._clear()
+            self.base = self._status("VmRSS")
+        else:
+            self.base = self._peak()
+
+    def growth(self) -> int:
+        return self._peak() - self.base
+
+
+def step_flops(model, batches, step: int, cfg: Config, device: torch.device) -> int:
+    """FLOPs of one step's forward + backward (student and teacher passes; matmuls, convolutions and attention,
+    which FlopCounterMode counts; elementwise ops and the optimiser are not). Attention runs through the math
+    backend here so that every device's kernels are counted alike (the fused kernels do the same matmuls)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter, sdpa_kernel(SDPBackend.MATH):
+        forward_backward(model, batches, step, cfg, device)
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
+def time_loader(cfg: Config, data: Path, batch_size: int, steps: int, warmup: int) -> float:
+    """The real loader alone (pair_loader with the config's workers and augmentation): samples/s over `steps`
+    batches after `warmup` ones (which include the workers' start). The model's timing does not use it."""
+    from vlpt.data.loader import load_pairs, pair_loader
+    from vlpt.data.tokenizer import tokenizer_for
+
+    records = load_pairs(data / cfg.data.train)
+    with tempfile.TemporaryDirectory() as tmp:  # a vocab is only trained (into tmp) if the data has none
+        tokenizer = tokenizer_for(cfg, (r["caption"] for r in records), tmp)
+    mlm = cfg.method.mlm_probability if "mlm" in cfg.method.losses else 0.0
+    loader = pair_loader(records, data, tokenizer, image_size=cfg.model.vision.image_size, batch_size=batch_size,
+                         max_len=cfg.model.text.max_len, mlm_probability=mlm, seed=cfg.train.seed,
+                         num_workers=cfg.data.num_workers, augment=cfg.data.augment, skip_bad=cfg.data.skip_bad)
+    it = iter(loader)
+    for _ in range(warmup):
+        next(it)
+    start = time.perf_counter()
+    for _ in range(steps):
+        next(it)
+    seconds = time.perf_counter() - start
+    del it, loader  # stops persistent workers
+    return batch_size * steps / seconds
+
+
+# ------------------------------------------------------------------------------------------------------- runs
+def default_device(config: str, requested: str) -> str:
+    """`auto`: albef_tiny on CPU; every other config on CUDA when there is one, else CPU."""
+    if requested != "auto":
+        return requested
+    if Path(config).stem == "albef_tiny" or not torch.cuda.is_available():
+        return "cpu"
+    return "cuda"
+
+
+def bench_config(config: str, args) -> dict:
+    name = Path(config).stem
+    overrides = list(args.overrides) + ([f"data.root={args.data}"] if args.data else [])
+    cfg = load_config(find_config(config), overrides)
+    if cfg.train.threads > 0:
+        torch.set_num_threads(cfg.train.threads)
+    device = pick_device(default_device(config, args.device))
+    batch_size = args.batch_size or cfg.data.batch_size
+    row = {"config": name, "device": str(device), "batch": batch_size * cfg.optim.accumulate,
+           "threads": torch.get_num_threads() if device.type == "cpu" else None}
+
+    loader_rate = time_loader(cfg, Path(args.data), batch_size, args.steps, args.warmup) if args.data else None
+    pretrained_vocab = Path(cfg.model.text.pretrained) / "vocab.txt" if cfg.model.text.pretrained else None
+    if args.vocab_size:
+        vocab = args.vocab_size
+    elif pretrained_vocab and pretrained_vocab.is_file():
+        vocab = sum(1 for _ in pretrained_vocab.open())
+    else:
+        vocab = DEFAULT_VOCAB.get(name, BERT_VOCAB)
+    row["vocab"] = vocab
+
+    torch.manual_seed(cfg.train.seed)
+    model = methods.build(cfg, vocab).to(device)
+    model.train()
+    optimizer, scheduler = build_optimizer(model, cfg, device)
+    row["precision"] = "bf16" if isinstance(autocast(device, cfg.train.precision), torch.autocast) else "fp32"
+    row["params_M"] = round(sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6, 1)
+    batches = synthetic_batches(cfg, batch_size, vocab, n=min(4, args.steps + args.warmup),
+                                pin=device.type == "cuda", seed=cfg.train.seed)
+
+    rss = RSSPeak() if device.type == "cpu" else None
+    if rss:
+        rss.reset()  # baseline: model and optimiser built, no step run (gradients, AdamW state not yet allocated)
+    times, peaks = [], []
+    for step in range(args.warmup + args.steps):
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        sync(device)
+        start = time.perf_counter()
+        train_step(model, model, optimizer, scheduler, batches, step, cfg, device)
+        sync(device)
+        if step >= args.warmup:
+            times.append(time.perf_counter() - start)
+            peaks.append(torch.cuda.max_memory_allocated(device) if device.type == "cuda" else rss.growth())
+    seconds = statistics.median(times)
+    row.update(samples_per_s=row["batch"] / seconds, ms_per_step=1000 * seconds, step_ms_all=[1000 * t for t in times],
+               peak_mib=max(peaks) / 2**20,
+               memory="cuda max_memory_allocated" if device.type == "cuda" else f"RSS growth ({rss.how})",
+               loader_samples_per_s=loader_rate)
+
+    row["gflop_per_sample"] = row["mfu"] = None
+    if not args.no_flops:
+        flops = step_flops(model, batches, args.warmup + args.steps, cfg, device)
+        row["gflop_per_sample"] = flops / row["batch"] / 1e9
+        peak = args.peak_tflops if args.peak_tflops is not None else (H100_BF16_TFLOPS if device.type == "cuda" else None)
+        if peak:
+            row["mfu"] = flops / seconds / (peak * 1e12)
+        row["peak_tflops"] = peak
+    del model, optimizer, scheduler
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
+def fmt(value, spec: str) -> str:
+    return "—" if value is None else format(value, spec)
+
+
+def table(rows: list[dict]) -> str:
+    head = ["config", "device", "precision", "batch", "vocab", "samples/s", "ms/step", "peak MiB", "memory measure",
+            "GFLOP/sample", "MFU", "loader samples/s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for r in rows:
+        cells = [r["config"], r["device"] + (f" ({r['threads']} threads)" if r["threads"] else ""), r["precision"],
+                 str(r["batch"]), str(r["vocab"]), fmt(r["samples_per_s"], ".1f"), fmt(r["ms_per_step"], ".1f"),
+                 fmt(r["peak_mib"], ".0f"), r["memory"], fmt(r["gflop_per_sample"], ".2f"),
+                 "—" if r["mfu"] is None else f"{100 * r['mfu']:.1f} % of {r['peak_tflops']:g} TFLOP/s",
+                 fmt(r["loader_samples_per_s"], ".1f")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                epilog="key=value arguments override every config (as `vlpt pretrain` does)")
+    p.add_argument("--configs", nargs="+", default=None,
+                   help=f"config files (default: {TINY}, and {BASE} when CUDA is available)")
+    p.add_argument("--device", default="auto", help="auto (tiny on CPU, others on CUDA if present), cpu, cuda, cuda:N")
+    p.add_argument("--steps", type=int, default=20, help="timed optimiser steps (default 20)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
+    p.add_argument("--batch-size", type=int, default=0, help="per-step batch for every config (default: data.batch_size)")
+    p.add_argument("--vocab-size", type=int, default=0,
+                   help=f"vocabulary of the synthetic ids and the model (default: model.text.pretrained's vocab if set, "
+                        f"else {SHAPES_VOCAB} (shapes) for albef_tiny and {BERT_VOCAB} (BERT) for other configs)")
+    p.add_argument("--data", default="", help="data folder: also time pair_loader alone on its pretraining pairs")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help=f"device peak for MFU (default {H100_BF16_TFLOPS:g} on CUDA = H100 bf16 dense; none on CPU)")
+    p.add_argument("--no-flops", action="store_true", help="skip the FLOP count (one extra untimed step)")
+    p.add_argument("--json", default="", help="also write the rows (with every step's time) to this file")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. train.threads=2")
+    args = p.parse_args(argv)
+    if args.configs:  # `--configs a.yaml k=v` puts the override into --configs: move it back
+        args.overrides += [c for c in args.configs if "=" in c]
+        args.configs = [c for c in args.configs if "=" not in c]
+    if not args.configs:
+        args.configs = [TINY] + ([BASE] if torch.cuda.is_available() else [])
+    if args.steps < 1 or args.warmup < 0:
+        p.error("--steps must be >= 1 and --warmup >= 0")
+    return args
+
+
+def main(argv=None) -> list[dict]:
+    args = parse_args(argv)
+    rows = [bench_config(c, args) for c in args.configs]
+    gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    print(f"\ntorch {torch.__version__}, {platform.processor() or platform.machine()}{gpu}; "
+          f"{args.steps} timed steps after {args.warmup} warm-up; median step time\n")
+    print(table(rows))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({"args": vars(args), "torch": torch.__version__, "rows": rows},
+                                              indent=2) + "\n")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
