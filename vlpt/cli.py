@@ -41,11 +41,14 @@ def cmd_evaluate(args) -> None:
 
     device = pick_device(args.device)
     model, cfg, tokenizer = load_method(args.checkpoint, device)
+    for key in ("k", "batch_size", "itc_weight"):  # flags default to the checkpoint's eval.* settings
+        if getattr(args, key) is None:
+            setattr(args, key, getattr(cfg.eval, key))
     data = Path(args.data or cfg.data.root)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         metrics = retrieval.evaluate(model, data / f"retrieval_{args.split}.json", data, tokenizer,
                                      image_size=cfg.model.vision.image_size, max_len=cfg.model.text.max_len,
-                                     k=args.k, batch_size=args.batch_size, device=device,
+                                     k=args.k, batch_size=args.batch_size, itc_weight=args.itc_weight, device=device,
                                      num_workers=args.num_workers)
     print(format_table({"retrieval": metrics}))
     if args.out:
@@ -75,8 +78,8 @@ def cmd_demo(args) -> None:
     cfg = load_config(find_config(f"pretrain/{args.method}_tiny.yaml"),
                       [f"data.root={data}", f"train.out={out}", *args.overrides])
     train(cfg)
-    eval_args = argparse.Namespace(checkpoint=str(out), data=str(data), split="test", k=cfg.eval.k,
-                                   batch_size=cfg.eval.batch_size, out=str(out / "metrics.json"), device="auto",
+    eval_args = argparse.Namespace(checkpoint=str(out), data=str(data), split="test", k=None, batch_size=None,
+                                   itc_weight=None, out=str(out / "metrics.json"), device="auto",
                                    num_workers=cfg.data.num_workers)
     cmd_evaluate(eval_args)
     print(f"demo finished in {time.perf_counter() - start:.0f} s; metrics in {out / 'metrics.json'}")
@@ -113,8 +116,10 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--checkpoint", required=True, help="checkpoint folder or run folder")
     s.add_argument("--data", default="", help="data folder (default: the checkpoint's data.root)")
     s.add_argument("--split", default="test", help="reads retrieval_<split>.json")
-    s.add_argument("--k", type=int, default=16, help="candidates reranked by ITM per query (eval.k)")
-    s.add_argument("--batch-size", type=int, default=256, help="pairs per ITM forward (eval.batch_size)")
+    s.add_argument("--k", type=int, default=None, help="candidates reranked by ITM per query (eval.k)")
+    s.add_argument("--batch-size", type=int, default=None, help="pairs per ITM forward (eval.batch_size)")
+    s.add_argument("--itc-weight", type=float, default=None,
+                   help="ITC similarity added to the ITM score when reranking (eval.itc_weight)")
     s.add_argument("--num-workers", type=int, default=2)
     s.add_argument("--device", default="auto")
     s.add_argument("--out", default="", help="write the metrics as JSON here")

@@ -122,6 +122,7 @@ class TrainConfig:
 class EvalConfig:
     k: int = opt(16, "ITC candidates reranked by ITM per query")
     batch_size: int = opt(256, "images or texts per encoder forward, and pairs per ITM forward")
+    itc_weight: float = opt(0.0, "rerank score = ITM match logit + itc_weight * ITC logit (similarity / temperature); 0 is ALBEF's rule")
 
 
 @dataclass

@@ -69,10 +69,12 @@ def _match_scores(model, enc: dict, image_idx: torch.Tensor, text_idx: torch.Ten
 
 
 @torch.no_grad()
-def rerank(model, enc: dict, sim: torch.Tensor, k: int, batch_size: int, progress: bool = True):
+def rerank(model, enc: dict, sim: torch.Tensor, k: int, batch_size: int, progress: bool = True,
+           itc_weight: float = 0.0):
     """ITM scores of each image's top-k texts and each text's top-k images, `batch_size` pairs per forward pass.
 
-    Returns score matrices (I,T) and (T,I): ITM logit for reranked candidates, -100 elsewhere (ALBEF).
+    `sim` (I,T) are ITC logits (similarity / temperature). Returns score matrices (I,T) and (T,I): for reranked
+    candidates the ITM match logit (ALBEF) plus `itc_weight` times the ITC logit, -100 elsewhere.
     """
     out = []
     for scores, queries_are_images in ((sim, True), (sim.t(), False)):
@@ -84,13 +86,13 @@ def rerank(model, enc: dict, sim: torch.Tensor, k: int, batch_size: int, progres
                          for s in tqdm(range(0, len(cand), batch_size), desc="rerank", disable=not progress,
                                        leave=False)])
         full = torch.full(scores.shape, -100.0, device=scores.device)
-        full.scatter_(1, top, itm.view_as(top))
+        full.scatter_(1, top, itm.view_as(top) + itc_weight * scores.gather(1, top))
         out.append(full)
     return out
 
 
 @torch.no_grad()
-def rerank_loop(model, enc: dict, sim: torch.Tensor, k: int):
+def rerank_loop(model, enc: dict, sim: torch.Tensor, k: int, itc_weight: float = 0.0):
     """The reference implementation's per-query loop: one fusion pass of k pairs per query (for benchmarks)."""
     out = []
     for scores, queries_are_images in ((sim, True), (sim.t(), False)):
@@ -99,7 +101,7 @@ def rerank_loop(model, enc: dict, sim: torch.Tensor, k: int):
             top = scores[q].topk(min(k, scores.shape[1])).indices
             query = torch.full_like(top, q)
             image_idx, text_idx = (query, top) if queries_are_images else (top, query)
-            full[q, top] = _match_scores(model, enc, image_idx, text_idx)
+            full[q, top] = _match_scores(model, enc, image_idx, text_idx) + itc_weight * scores[q, top]
         out.append(full)
     return out
 
@@ -119,16 +121,18 @@ def recall_metrics(i2t: np.ndarray, t2i: np.ndarray, img2txt: list[list[int]], t
 
 @torch.no_grad()
 def evaluate(model, annotation: str | Path, root: str | Path, tokenizer, *, image_size: int, max_len: int, k: int = 16,
-             batch_size: int = 256, device="cpu", num_workers: int = 0, progress: bool = True) -> dict:
+             batch_size: int = 256, itc_weight: float = 0.0, device="cpu", num_workers: int = 0,
+             progress: bool = True) -> dict:
     """Zero-shot or finetuned retrieval on one split: ITM-reranked metrics, and ITC-only ones prefixed `itc_`."""
     model.eval()
     images, texts, img2txt, txt2img = read_split(annotation)
     enc = encode_split(model, [Path(root) / p for p in images], texts, tokenizer, image_size, max_len, batch_size,
                        device, num_workers, progress)
-    sim = enc["image_feat"].float() @ enc["text_feat"].float().t()  # fp32 even under autocast: no bf16 ties
-    i2t, t2i = rerank(model, enc, sim, k, batch_size, progress)
+    with torch.autocast(enc["image_feat"].device.type, enabled=False):  # ITC logits in fp32: no bf16 ties
+        sim = enc["image_feat"].float() @ enc["text_feat"].float().t() / model.temperature().float()
+    i2t, t2i = rerank(model, enc, sim, k, batch_size, progress, itc_weight)
     itc = recall_metrics(sim.cpu().numpy(), sim.t().cpu().numpy(), img2txt, txt2img)
     metrics = recall_metrics(i2t.cpu().numpy(), t2i.cpu().numpy(), img2txt, txt2img)
     metrics.update({f"itc_{key}": value for key, value in itc.items()})
-    metrics.update({"images": len(images), "texts": len(texts), "k": k})
+    metrics.update({"images": len(images), "texts": len(texts), "k": k, "itc_weight": itc_weight})
     return metrics

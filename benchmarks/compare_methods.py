@@ -1,0 +1,144 @@
+"""Methods and their ablations side by side on the embedded data, at the same steps and batch size.
+
+For each row: pretrain from scratch with the trainer, evaluate zero-shot retrieval on the test split, and report
+txt_r1, img_r1, r_mean (ITM-reranked, as `vlpt evaluate`), the ITC-only img_r1, wall time per step relative to
+ALBEF, and codebook usage (codewords that are some feature's nearest in the last logged step, in % of K).
+`--ipot` also times the IPOT solve against a whole training step of a config (its share of the step).
+
+    python benchmarks/compare_methods.py --data data/shapes                     # every row, tiny configs
+    python benchmarks/compare_methods.py --data data/shapes --rows albef codis --steps 200
+    python benchmarks/compare_methods.py --ipot configs/pretrain/codis_base.yaml --device cuda
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from train_throughput import BERT_VOCAB, sync, synthetic_batches  # noqa: E402
+
+from vlpt import methods  # noqa: E402
+from vlpt.cli import find_config  # noqa: E402
+from vlpt.config import load_config  # noqa: E402
+from vlpt.engine.checkpoint import load_method  # noqa: E402
+from vlpt.engine.logging import read_metrics  # noqa: E402
+from vlpt.engine.trainer import autocast, build_optimizer, pick_device, train, train_step  # noqa: E402
+from vlpt.objectives.codebook import ipot  # noqa: E402
+from vlpt.tasks import retrieval  # noqa: E402
+
+CODIS = "pretrain/codis_tiny.yaml"
+# name -> (config, overrides): CODIS Table 4's rows are CODIS with parts switched off.
+ROWS = {
+    "albef": ("pretrain/albef_tiny.yaml", []),
+    "codis": (CODIS, []),
+    "codis:cross": (CODIS, ["method.intra=false", "method.losses=[itc,itm,mlm]"]),
+    "codis:intra+cross": (CODIS, ["method.losses=[itc,itm,mlm]"]),
+    "codis:cross+codebook(teacher)": (CODIS, ["method.intra=false"]),
+    "codis:intra+cross+codebook(student)": (CODIS, ["method.codebook.plan_features=student"]),
+}
+
+
+def run_row(name: str, args) -> dict:
+    config, overrides = ROWS[name]
+    out = Path(args.out) / name.replace(":", "_").replace("+", "_").replace("(", "_").replace(")", "")
+    cfg = load_config(find_config(config), [*overrides, f"data.root={args.data}", f"train.out={out}",
+                                            f"train.steps={args.steps}", f"train.save_every={args.steps}",
+                                            f"train.device={args.device}", "train.progress=false", *args.overrides])
+    start = time.perf_counter()
+    train(cfg)
+    seconds = time.perf_counter() - start
+    rows = read_metrics(out)
+    step_s = [cfg.data.batch_size / r["samples_per_s"] for r in rows[1:]] or [seconds / args.steps]
+    device = pick_device(args.device)
+    model, cfg, tokenizer = load_method(out, device)
+    data = Path(args.data)
+    with autocast(device, cfg.train.precision):
+        m = retrieval.evaluate(model, data / "retrieval_test.json", data, tokenizer,
+                               image_size=cfg.model.vision.image_size, max_len=cfg.model.text.max_len, k=cfg.eval.k,
+                               batch_size=cfg.eval.batch_size, itc_weight=cfg.eval.itc_weight, device=device,
+                               progress=False)
+    usage = rows[-1].get("codebook_usage")
+    return {"row": name, "txt_r1": m["txt_r1"], "img_r1": m["img_r1"], "r_mean": m["r_mean"],
+            "itc_img_r1": m["itc_img_r1"], "ms_per_step": 1000 * statistics.median(step_s),
+            "codebook_usage_pct": None if usage is None else 100 * usage / cfg.method.codebook.size,
+            "train_s": seconds}
+
+
+def ipot_share(config: str, args) -> dict:
+    """Median time of the IPOT solve (both modalities, global batch x K) against one whole training step."""
+    cfg = load_config(find_config(config), list(args.overrides))
+    device = pick_device(args.device)
+    torch.manual_seed(0)
+    model = methods.build(cfg, BERT_VOCAB).to(device).train()
+    optimizer, scheduler = build_optimizer(model, cfg, device)
+    batch = cfg.data.batch_size
+    batches = synthetic_batches(cfg, batch, BERT_VOCAB, n=2, pin=device.type == "cuda")
+    c = cfg.method.codebook
+    cost = torch.rand(2, batch, c.size, device=device) * 2
+
+    def timed(fn, n=10):
+        times = []
+        for i in range(n + 3):
+            sync(device)
+            t = time.perf_counter()
+            fn(i)
+            sync(device)
+            times.append(time.perf_counter() - t)
+        return statistics.median(times[3:])
+
+    step = timed(lambda i: train_step(model, model, optimizer, scheduler, batches, i, cfg, device))
+    solve = timed(lambda i: ipot(cost, c.epsilon, c.outer_iters, c.inner_iters))
+    return {"config": Path(config).stem, "device": str(device), "batch": batch, "codewords": c.size,
+            "ipot_ms": 1000 * solve, "step_ms": 1000 * step, "ipot_share_pct": 100 * solve / step}
+
+
+def table(rows: list[dict]) -> str:
+    base = next((r["ms_per_step"] for r in rows if r["row"] == "albef"), None)
+    lines = ["| row | txt_r1 | img_r1 | r_mean | ITC img_r1 | ms/step | time vs ALBEF | codebook usage |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        rel = f"{r['ms_per_step'] / base:.2f}x" if base else "-"
+        usage = "-" if r["codebook_usage_pct"] is None else f"{r['codebook_usage_pct']:.1f} %"
+        lines.append(f"| {r['row']} | {r['txt_r1']:.2f} | {r['img_r1']:.2f} | {r['r_mean']:.2f} | "
+                     f"{r['itc_img_r1']:.2f} | {r['ms_per_step']:.0f} | {rel} | {usage} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default="data/shapes", help="embedded data set folder")
+    p.add_argument("--rows", nargs="*", default=list(ROWS), choices=list(ROWS), help="which rows to run")
+    p.add_argument("--steps", type=int, default=700, help="training steps of every row")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", default="runs/compare", help="run folders go here")
+    p.add_argument("--ipot", default="", help="config whose IPOT share of the step to measure (skips the rows)")
+    p.add_argument("--json", default="", help="also write the rows here")
+    p.add_argument("overrides", nargs="*", help="key=value overrides applied to every row")
+    args = p.parse_args(argv)
+    if args.ipot:
+        row = ipot_share(args.ipot, args)
+        print("| config | device | batch | K | IPOT ms | step ms | IPOT share |\n|---|---|---|---|---|---|---|")
+        print(f"| {row['config']} | {row['device']} | {row['batch']} | {row['codewords']} | {row['ipot_ms']:.2f} | "
+              f"{row['step_ms']:.1f} | {row['ipot_share_pct']:.2f} % |")
+        rows = [row]
+    else:
+        rows = []
+        for name in args.rows:
+            rows.append(run_row(name, args))
+            print(table(rows).splitlines()[-1], flush=True)
+        print(table(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
