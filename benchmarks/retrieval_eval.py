@@ -148,9 +148,7 @@ def main(argv=None) -> dict:
             enc = retrieval.encode_split(model, [data / p for p in images], texts, tokenizer,
                                          cfg.model.vision.image_size, cfg.model.text.max_len, batch_size, device,
                                          args.num_workers, progress=False)
-        # fp32 similarities, outside autocast: under bf16 autocast the product is bf16, and `rerank` cannot
-        # scatter its fp32 ITM scores into a bf16 matrix (see README, "Known problems")
-        sim = enc["image_feat"].float() @ enc["text_feat"].float().t()
+        sim = retrieval.itc_logits(model, enc)
         sync(device)
         encode_s = time.perf_counter() - start
         with autocast(device, args.precision), torch.no_grad():
@@ -158,9 +156,10 @@ def main(argv=None) -> dict:
             for n in {min(k, len(texts)), batch_size}:
                 i, t = torch.zeros(n, dtype=torch.long, device=device), torch.arange(n, device=device) % len(texts)
                 model.itm_logits(enc["image_tokens"][i], enc["text_hidden"][t], enc["text_mask"][t])
-            batched, t_batched = timed(lambda: retrieval.rerank(model, enc, sim, k, batch_size, progress=False),
-                                       device, args.repeats)
-            loop, t_loop = timed(lambda: retrieval.rerank_loop(model, enc, sim, k), device, args.repeats)
+            w = cfg.eval.itc_weight
+            batched, t_batched = timed(lambda: retrieval.rerank(model, enc, sim, k, batch_size, False, w), device,
+                                       args.repeats)
+            loop, t_loop = timed(lambda: retrieval.rerank_loop(model, enc, sim, k, w), device, args.repeats)
 
     n_img, n_txt = len(images), len(texts)
     pairs = n_img * min(k, n_txt) + n_txt * min(k, n_img)

@@ -121,3 +121,19 @@ def test_student_plan_ablation_changes_the_loss():
     b = student_model(batch, 0)["codebook"]
     assert not torch.allclose(a, b)
     assert math.isfinite(a.item()) and math.isfinite(b.item())
+
+
+def test_codis_trains_and_logs_codebook_health(shapes_data, tmp_path):
+    from test_trainer import TINY
+
+    from vlpt.engine.logging import read_metrics
+    from vlpt.engine.trainer import train
+
+    cfg = load_config("configs/pretrain/codis_tiny.yaml", [*TINY, f"data.root={shapes_data}",
+                                                           f"train.out={tmp_path}", "train.steps=3",
+                                                           "train.log_every=1", "method.codebook.size=16"])
+    rows = read_metrics(train(cfg))
+    assert len(rows) == 3
+    for row in rows:
+        assert {"itc", "itm", "mlm", "codebook"} <= set(row)
+        assert 1 <= row["codebook_usage"] <= 16 and 1 <= row["codebook_perplexity"] <= 16

@@ -63,6 +63,12 @@ def encode_split(model, images: list[Path], texts: list[str], tokenizer, image_s
             "text_mask": torch.cat(text_mask)}
 
 
+def itc_logits(model, enc: dict) -> torch.Tensor:
+    """(I,T) image-text similarity / temperature, in fp32 even under autocast (no bf16 ties)."""
+    with torch.autocast(enc["image_feat"].device.type, enabled=False):
+        return enc["image_feat"].float() @ enc["text_feat"].float().t() / model.temperature().float()
+
+
 def _match_scores(model, enc: dict, image_idx: torch.Tensor, text_idx: torch.Tensor) -> torch.Tensor:
     logits = model.itm_logits(enc["image_tokens"][image_idx], enc["text_hidden"][text_idx], enc["text_mask"][text_idx])
     return logits[:, 1].float()
@@ -128,8 +134,7 @@ def evaluate(model, annotation: str | Path, root: str | Path, tokenizer, *, imag
     images, texts, img2txt, txt2img = read_split(annotation)
     enc = encode_split(model, [Path(root) / p for p in images], texts, tokenizer, image_size, max_len, batch_size,
                        device, num_workers, progress)
-    with torch.autocast(enc["image_feat"].device.type, enabled=False):  # ITC logits in fp32: no bf16 ties
-        sim = enc["image_feat"].float() @ enc["text_feat"].float().t() / model.temperature().float()
+    sim = itc_logits(model, enc)
     i2t, t2i = rerank(model, enc, sim, k, batch_size, progress, itc_weight)
     itc = recall_metrics(sim.cpu().numpy(), sim.t().cpu().numpy(), img2txt, txt2img)
     metrics = recall_metrics(i2t.cpu().numpy(), t2i.cpu().numpy(), img2txt, txt2img)
