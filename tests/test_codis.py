@@ -124,7 +124,7 @@ def test_student_plan_ablation_changes_the_loss():
 
 
 def test_codis_trains_and_logs_codebook_health(shapes_data, tmp_path):
-    from test_trainer import TINY
+    from helpers import TINY
 
     from vlpt.engine.logging import read_metrics
     from vlpt.engine.trainer import train

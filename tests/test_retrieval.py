@@ -9,7 +9,7 @@ from vlpt.cli import main
 from vlpt.engine.checkpoint import load_method
 from vlpt.engine.trainer import train
 from vlpt.tasks import retrieval
-from test_trainer import config
+from helpers import config
 
 
 def test_recall_metrics_against_hand_counted_ranks():

@@ -1,0 +1,22 @@
+"""A tiny model for tests that train: configs built from a shipped preset with small overrides."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import vlpt.cli
+from vlpt.config import load_config
+
+CONFIG = "pretrain/albef_tiny.yaml"
+TINY = ["model.vision.image_size=32", "model.vision.patch_size=8", "model.vision.width=32", "model.vision.depth=1",
+        "model.vision.heads=2", "model.text.width=32", "model.text.heads=2", "model.text.intermediate=64",
+        "model.text.text_layers=1", "model.text.fusion_layers=1", "model.text.max_len=24", "method.embed_dim=16",
+        "method.queue_size=64", "data.batch_size=8", "data.num_workers=0", "train.progress=false",
+        "train.device=cpu", "train.precision=fp32", "train.threads=1", "optim.warmup_steps=2"]
+
+
+def overrides(root: Path, out: Path, *extra: str) -> list[str]:
+    return [*TINY, f"data.root={root}", f"train.out={out}", *extra]
+
+
+def config(root: Path, out: Path, *extra: str, preset: str = CONFIG):
+    return load_config(vlpt.cli.find_config(preset), overrides(root, out, *extra))
