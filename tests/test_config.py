@@ -189,3 +189,13 @@ def test_describe_lists_every_key():
     keys = {k for k, _, _ in describe()}
     assert {"train.steps", "model.text.width", "method.losses", "eval.k"} <= keys
     assert all(help_ for _, _, help_ in describe())
+
+
+def test_a_misnamed_loss_is_an_error_naming_the_nearest():
+    from vlpt import methods
+
+    with pytest.raises(ConfigError, match="no loss 'itmm'; did you mean 'itm'"):
+        methods.check(load_config(overrides=["method.losses=[itc,itmm]"]))
+    with pytest.raises(ConfigError, match="no loss 'codebook'"):
+        methods.check(load_config(overrides=["method.losses=[itc,codebook]"]))  # ALBEF has none
+    assert methods.check(load_config(overrides=["method.name=codis", "method.losses=[itc,codebook]"])).name == "codis"

@@ -143,6 +143,8 @@ def main(argv: list[str] | None = None) -> None:
     from vlpt.data.annotations import AnnotationError, ImageError
     try:
         args.func(args)
+    except BrokenPipeError:  # output piped into `head` and the like
+        sys.stderr.close()
     except (ConfigError, AnnotationError, ImageError, FileNotFoundError) as err:
         message = str(err)
         if "Original Traceback" in message:  # raised in a DataLoader worker: torch prepends the worker's traceback

@@ -1,4 +1,4 @@
-"""Text masking for MLM (BERT, ALBEF Sec. 3.1)."""
+"""Masking: text for MLM (BERT, ALBEF Sec. 3.1; MaskVLM [MASK]-only) and image regions for MIM (MaskVLM, SimMIM)."""
 from __future__ import annotations
 
 import torch
@@ -20,3 +20,43 @@ def mask_tokens(ids: torch.Tensor, probability: float, mask_id: int, vocab_size:
     masked = torch.where(pick & (roll < 0.8), mask_id, ids)
     masked = torch.where(pick & (roll >= 0.8) & (roll < 0.9), random_ids, masked)
     return masked, labels
+
+
+def mask_tokens_only(ids: torch.Tensor, probability: float, mask_id: int, special_ids: list[int],
+                     attention_mask: torch.Tensor | None = None,
+                     generator: torch.Generator | None = None,
+                     noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """MaskVLM text masking (Sec. 3.1, after Wettig et al. 2022): each non-special, unpadded token is picked with
+    `probability` and replaced by [MASK]; no random-token replacement, no kept tokens. Vectorised over (B,L).
+
+    The uniform noise is `noise` (B,L) if given (e.g. rows of a global batch's draw), else drawn from `generator`
+    on its device (CPU by default). Returns (masked ids, labels) with labels = IGNORE where nothing is predicted.
+    """
+    if noise is None:
+        device = generator.device if generator is not None else ids.device
+        noise = torch.rand(ids.shape, generator=generator, device=device)
+    pick = (noise < probability).to(ids.device)
+    pick &= ~torch.isin(ids, torch.tensor(special_ids, dtype=ids.dtype, device=ids.device))
+    if attention_mask is not None:
+        pick &= attention_mask.bool()
+    return torch.where(pick, mask_id, ids), torch.where(pick, ids, IGNORE)
+
+
+def mask_image_regions(batch: int, grid: tuple[int, int], region: int, ratio: float,
+                       generator: torch.Generator | None = None, device=None) -> torch.Tensor:
+    """MaskVLM / SimMIM image masking: the patch grid (gh, gw) is tiled by square regions of `region` x `region`
+    patches, and exactly round(ratio * regions) regions per image are masked, drawn uniformly without replacement.
+
+    Returns a (batch, gh * gw) bool mask in the ViT's row-major patch order; True = masked.
+    """
+    gh, gw = grid
+    if gh % region or gw % region:
+        raise ValueError(f"a {gh} x {gw} patch grid is not tiled by {region} x {region}-patch regions")
+    rh, rw = gh // region, gw // region
+    count = int(round(ratio * rh * rw))
+    noise = torch.rand(batch, rh * rw, generator=generator,
+                       device=generator.device if generator is not None else device)
+    rank = noise.argsort(1).argsort(1)              # each region's rank in a random order: exactly `count` < count
+    regions = (rank < count).view(batch, rh, rw)
+    mask = regions.repeat_interleave(region, 1).repeat_interleave(region, 2)
+    return mask.reshape(batch, gh * gw).to(device) if device is not None else mask.reshape(batch, gh * gw)

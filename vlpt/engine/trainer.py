@@ -93,6 +93,7 @@ def train_step(ddp, model, optimizer, scheduler, batches, step: int, cfg: Config
 
 def train(cfg: Config) -> Path:
     """Pretrain `cfg.method.name` on `cfg.data.train`; returns the run folder."""
+    methods.check(cfg)  # a misnamed method or loss stops here, before any work
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
     device = pick_device(cfg.train.device)
@@ -123,10 +124,6 @@ def train(cfg: Config) -> Path:
                          seed=cfg.train.seed, rank=distributed.rank(), world=distributed.world_size(),
                          start=step * accumulate, num_workers=cfg.data.num_workers, augment=cfg.data.augment,
                          skip_bad=cfg.data.skip_bad)
-    weights = cfg.method.loss_weights
-    unknown = set(weights) - set(cfg.method.losses)
-    if unknown:
-        raise ValueError(f"method.loss_weights names losses not in method.losses: {sorted(unknown)}")
     log = MetricsLog(out, main)
     save_config = cfg.to_dict()
 

@@ -1,5 +1,5 @@
 """Method registry: a name -> a Method subclass. Importing this package registers every built-in method."""
 from __future__ import annotations
 
-from vlpt.methods.base import Method, available, build, register  # noqa: F401
-from vlpt.methods import albef, codis  # noqa: F401,E402  (registers)
+from vlpt.methods.base import Method, available, build, check, register  # noqa: F401
+from vlpt.methods import albef, codis, maskvlm  # noqa: F401,E402  (registers)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlpt.config import Config
+from vlpt.config import Config, ConfigError
 from vlpt.engine import distributed
 from vlpt.models.momentum import MomentumTeacher
 from vlpt.models.text import FusionEncoder, MLMHead, TextEncoder, init_bert_, load_bert_weights
@@ -37,19 +37,31 @@ def available() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def build(cfg: Config, vocab_size: int) -> "Method":
+def check(cfg: Config) -> type["Method"]:
+    """The method class `cfg.method.name` names, once its losses are known to it; ConfigError otherwise."""
     name = cfg.method.name
     if name not in _REGISTRY:
         near = difflib.get_close_matches(name, _REGISTRY, n=1)
-        raise ValueError(f"unknown method '{name}'" + (f"; did you mean '{near[0]}'?" if near else "")
-                         + f" (available: {', '.join(available())})")
-    return _REGISTRY[name](cfg, vocab_size)
+        raise ConfigError(f"unknown method '{name}'" + (f"; did you mean '{near[0]}'?" if near else "")
+                          + f" (available: {', '.join(available())})")
+    cls = _REGISTRY[name]
+    for loss in [*cfg.method.losses, *cfg.method.loss_weights]:
+        if loss not in cls.loss_names:
+            near = difflib.get_close_matches(loss, cls.loss_names, n=1)
+            raise ConfigError(f"method '{name}' has no loss '{loss}'" + (f"; did you mean '{near[0]}'?" if near else "")
+                              + f" (its losses: {', '.join(cls.loss_names)})")
+    return cls
+
+
+def build(cfg: Config, vocab_size: int) -> "Method":
+    return check(cfg)(cfg, vocab_size)
 
 
 class Method(nn.Module):
     """ALBEF's components. Subclasses choose which to use in `forward` and may add their own."""
 
     name = "base"
+    loss_names: tuple[str, ...] = ("itc", "itm", "mlm")  # what `method.losses` may list
     teacher_modules = ("vision", "vision_proj", "text", "text_proj", "fusion", "mlm_head")
 
     def __init__(self, cfg: Config, vocab_size: int):

@@ -15,6 +15,8 @@ from vlpt.objectives.codebook import PrototypeCodebook
 
 @register("codis")
 class CODIS(Method):
+    loss_names = ("itc", "itm", "mlm", "codebook")
+
     def __init__(self, cfg, vocab_size: int):
         super().__init__(cfg, vocab_size)
         c = cfg.method.codebook

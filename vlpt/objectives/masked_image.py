@@ -1,0 +1,33 @@
+"""Masked image modeling on raw pixels (MaskVLM Eq. 1, MIM term; SimMIM's L1 on masked patches)."""
+from __future__ import annotations
+
+import torch
+
+
+def patchify(image: torch.Tensor, patch: int) -> torch.Tensor:
+    """(B,3,H,W) -> (B,N,patch*patch*3), patches in the ViT's row-major order, each flattened (row, column, channel)."""
+    b, c, h, w = image.shape
+    x = image.reshape(b, c, h // patch, patch, w // patch, patch)
+    return x.permute(0, 2, 4, 3, 5, 1).reshape(b, (h // patch) * (w // patch), patch * patch * c)
+
+
+def unpatchify(patches: torch.Tensor, patch: int, grid: tuple[int, int], channels: int = 3) -> torch.Tensor:
+    """Inverse of `patchify`: (B,N,patch*patch*C) -> (B,C,H,W)."""
+    b = patches.shape[0]
+    gh, gw = grid
+    x = patches.reshape(b, gh, gw, patch, patch, channels)
+    return x.permute(0, 5, 1, 3, 2, 4).reshape(b, channels, gh * patch, gw * patch)
+
+
+def mim_loss(pred: torch.Tensor, target: torch.Tensor, patch_mask: torch.Tensor,
+             normalizer: torch.Tensor | None = None) -> torch.Tensor:
+    """MaskVLM Eq. 1 (MIM): ||I^M - phi_im^M(I_m, T)||_1 / Omega(I^M), summed over masked pixel values only and divided
+    by their number (masked patches x patch*patch*3).
+
+    pred, target (B,N,P) in the target's (normalised) pixel space; patch_mask (B,N) bool, True = masked.
+    `normalizer` replaces the masked patch count (under DDP the mean count over ranks).
+    """
+    mask = patch_mask[..., None].to(pred.dtype)
+    error = ((pred.float() - target.float()).abs() * mask.float()).sum()
+    count = patch_mask.sum() if normalizer is None else normalizer
+    return error / (count.clamp(min=1) * pred.shape[-1])
