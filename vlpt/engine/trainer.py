@@ -14,7 +14,7 @@ from tqdm import tqdm
 from vlpt import methods
 from vlpt.config import Config
 from vlpt.data.loader import load_pairs, pair_loader
-from vlpt.data.tokenizer import tokenizer_for
+from vlpt.data.tokenizer import Tokenizer, tokenizer_for
 from vlpt.engine import checkpoint, distributed
 from vlpt.engine.logging import MetricsLog
 
@@ -96,19 +96,18 @@ def train(cfg: Config) -> Path:
     methods.check(cfg)  # a misnamed method or loss stops here, before any work
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
-    device = pick_device(cfg.train.device)
-    distributed.init(device)
-    device = pick_device(cfg.train.device)
+    distributed.init(pick_device(cfg.train.device))  # the backend follows the device type
+    device = pick_device(cfg.train.device)            # now with this rank's GPU
     out, main = Path(cfg.train.out), distributed.is_main()
+    path = checkpoint.resolve(cfg.train.resume, out) if cfg.train.resume else None
     records = load_pairs(Path(cfg.data.root) / cfg.data.train)
-    tokenizer = tokenizer_for(cfg, (r["caption"] for r in records), out)
+    tokenizer = Tokenizer(path / checkpoint.VOCAB) if path else tokenizer_for(cfg, (r["caption"] for r in records), out)
 
     torch.manual_seed(cfg.train.seed)
     model = methods.build(cfg, tokenizer.vocab_size).to(device)
     optimizer, scheduler = build_optimizer(model, cfg, device)
     step, skipped, state = 0, 0, None
-    if cfg.train.resume:
-        path = checkpoint.resolve(cfg.train.resume, out)
+    if path:
         checkpoint.load_weights(path, model)
         state = checkpoint.load_state(path)
         optimizer.load_state_dict(state["optimizer"])
