@@ -93,7 +93,7 @@ class Method(nn.Module):
         return tokens, F.normalize(self._part("vision_proj", teacher)(tokens[:, 0]).float(), dim=-1)
 
     def encode_text(self, ids: torch.Tensor, mask: torch.Tensor, teacher: bool = False):
-        """ids, mask (B,L) -> hidden states (B,L,Wt), normalised projected [CLS] feature (B,D)."""
+        """ids, mask (B,L) -> hidden states (B,L,Wt), normalised projected pooled feature (B,D)."""
         hidden = self._part("text", teacher)(ids, mask)
         return hidden, F.normalize(self._part("text_proj", teacher)(self.pool(hidden, mask)).float(), dim=-1)
 
