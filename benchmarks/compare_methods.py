@@ -36,7 +36,9 @@ from vlpt.objectives.codebook import ipot  # noqa: E402
 from vlpt.tasks import retrieval  # noqa: E402
 
 CODIS = "pretrain/codis_tiny.yaml"
-# name -> (config, overrides): CODIS Table 4's rows are CODIS with parts switched off.
+MASKVLM = "pretrain/maskvlm_tiny.yaml"
+# name -> (config, overrides): CODIS Table 4's rows are CODIS with parts switched off; MaskVLM Table 5's (losses) and
+# A.3's (masking both modalities at once) are MaskVLM's.
 ROWS = {
     "albef": ("pretrain/albef_tiny.yaml", []),
     "codis": (CODIS, []),
@@ -44,6 +46,13 @@ ROWS = {
     "codis:intra+cross": (CODIS, ["method.losses=[itc,itm,mlm]"]),
     "codis:cross+codebook(teacher)": (CODIS, ["method.intra=false"]),
     "codis:intra+cross+codebook(student)": (CODIS, ["method.codebook.plan_features=student"]),
+    "maskvlm": (MASKVLM, []),
+    "maskvlm:itc": (MASKVLM, ["method.losses=[itc]"]),
+    "maskvlm:mlm+mim": (MASKVLM, ["method.losses=[mlm,mim]"]),  # untrained ITC/ITM heads: zero-shot is chance
+    "maskvlm:itc+itm": (MASKVLM, ["method.losses=[itc,itm]"]),
+    "maskvlm:itc+itm+mlm": (MASKVLM, ["method.losses=[itc,itm,mlm]"]),
+    "maskvlm:itc+itm+mim": (MASKVLM, ["method.losses=[itc,itm,mim]"]),
+    "maskvlm:both": (MASKVLM, ["method.maskvlm.masking=both"]),
 }
 
 

@@ -85,6 +85,25 @@ def cmd_demo(args) -> None:
     print(f"demo finished in {time.perf_counter() - start:.0f} s; metrics in {out / 'metrics.json'}")
 
 
+def cmd_visualize_reconstruction(args) -> None:
+    from vlpt.engine.checkpoint import load_method
+    from vlpt.engine.trainer import pick_device
+    from vlpt.tasks.reconstruction import masked_l1, save_reconstructions
+
+    device = pick_device(args.device)
+    model, cfg, tokenizer = load_method(args.checkpoint, device)
+    data = Path(args.data or cfg.data.root)
+    out = save_reconstructions(model, tokenizer, data / (args.annotation or cfg.data.train), data, args.out,
+                               image_size=cfg.model.vision.image_size, max_len=cfg.model.text.max_len, n=args.n,
+                               seed=args.seed, device=device)
+    print(f"wrote {out} (columns: original, masked, reconstructed)")
+    if args.l1:
+        l1 = masked_l1(model, tokenizer, data / args.l1, data, image_size=cfg.model.vision.image_size,
+                       max_len=cfg.model.text.max_len, seed=args.seed, device=device)
+        print(f"masked-pixel L1 on {args.l1}: reconstruction {l1['model']:.4f}, "
+              f"each image's mean visible colour {l1['mean_colour']:.4f}")
+
+
 def cmd_keys(args) -> None:
     from vlpt.config import describe
     for key, default, help in describe():
@@ -131,6 +150,19 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="runs/demo")
     s.add_argument("overrides", nargs="*", help="key=value overrides of the tiny config")
     s.set_defaults(func=cmd_demo)
+
+    vis = sub.add_parser("visualize", help="pictures of a checkpoint").add_subparsers(dest="what", required=True)
+    s = vis.add_parser("reconstruction", help="MaskVLM masked image reconstruction: original | masked | reconstructed")
+    s.add_argument("--checkpoint", required=True, help="checkpoint folder or run folder of a maskvlm run")
+    s.add_argument("--out", default="recon.png", help="PNG file to write")
+    s.add_argument("--data", default="", help="data folder (default: the checkpoint's data.root)")
+    s.add_argument("--annotation", default="", help="pretraining annotation file in it (default: data.train)")
+    s.add_argument("--n", type=int, default=8, help="image-text pairs (rows)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the image mask")
+    s.add_argument("--l1", default="", help="also report the masked-pixel L1 over this annotation file (e.g. "
+                   "retrieval_test.json) against predicting each image's mean visible colour")
+    s.add_argument("--device", default="auto")
+    s.set_defaults(func=cmd_visualize_reconstruction)
 
     s = sub.add_parser("config", help="list every config key with its default and help")
     s.set_defaults(func=cmd_keys)

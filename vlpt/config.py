@@ -70,12 +70,9 @@ class MaskVLMConfig:
     image_cross_layers: int = opt(3, "blocks of the image cross-modality encoder (image self-attention + cross-attention to text; MaskVLM: 3)")
     decoder_layers: int = opt(3, "cross-attention blocks of the image cross-modality decoder before its linear map to pixels (MaskVLM: 3)")
     image_ratio: float = opt(0.6, "fraction of image regions masked for MIM (MaskVLM: 0.6, Table 7)")
-    text_ratio: float = opt(0.3, "fraction of text tokens replaced by [MASK] for MLM, no random or kept tokens (MaskVLM: 0.3, Table 7)")
     region: int = opt(32, "side in pixels of a square masked image region, a multiple of the patch size (MaskVLM: 32)")
     masking: str = opt("one", "one: MLM from (image, masked text) and MIM from (masked image, text) (Eq. 1, A.3); both: both from (masked image, masked text)",
                        ("one", "both"))
-    mask_id: int = opt(4, "[MASK] token id (4 in vocabs trained by vlpt; 103 in bert-base-uncased)")
-    special_ids: list = opt([0, 1, 2, 3, 4], "token ids never masked ([PAD] [UNK] [CLS] [SEP] [MASK]; bert-base-uncased: [0, 100, 101, 102, 103])")
 
 
 @dataclass
@@ -89,7 +86,8 @@ class MethodConfig:
     momentum: float = opt(0.995, "EMA coefficient of the momentum teacher")
     alpha: float = opt(0.4, "momentum-distillation weight of the teacher's soft targets")
     alpha_warmup_steps: int = opt(0, "steps over which alpha ramps linearly from 0 (ALBEF: first epoch)")
-    mlm_probability: float = opt(0.15, "fraction of text tokens masked for MLM (80/10/10 mask/random/keep)")
+    mlm_probability: float = opt(0.15, "fraction of text tokens masked for MLM (MaskVLM: 0.3, Table 7)")
+    mlm_mask_only: bool = opt(False, "every masked token becomes [MASK] (MaskVLM) instead of BERT's 80/10/10 mask/random/keep")
     intra: bool = opt(False, "add intra-modal i2i and t2t alignment to ITC (CODIS Eq. 4-5)")
     codebook: CodebookConfig = field(default_factory=CodebookConfig)
     maskvlm: MaskVLMConfig = field(default_factory=MaskVLMConfig)

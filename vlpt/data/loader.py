@@ -55,9 +55,9 @@ class Collate:
     """
 
     def __init__(self, tokenizer: Tokenizer, max_len: int, mlm_probability: float = 0.0, seed: int = 0,
-                 fixed: bool = False):
+                 fixed: bool = False, mask_only: bool = False):
         self.tokenizer, self.max_len, self.mlm_probability, self.seed = tokenizer, max_len, mlm_probability, seed
-        self.fixed = fixed
+        self.fixed, self.mask_only = fixed, mask_only
 
     def __call__(self, samples: list[dict]) -> dict:
         ids, mask = self.tokenizer([s["text"] for s in samples], self.max_len, self.fixed)
@@ -70,7 +70,7 @@ class Collate:
                 gen = torch.Generator().manual_seed(self.seed * 1_000_003 + s["draw"])
                 t = self.tokenizer
                 batch["mlm_ids"][row, :n], batch["mlm_labels"][row, :n] = mask_tokens(
-                    ids[row, :n], self.mlm_probability, t.mask_id, t.vocab_size, t.special_ids, gen)
+                    ids[row, :n], self.mlm_probability, t.mask_id, t.vocab_size, t.special_ids, gen, self.mask_only)
         return batch
 
 
@@ -102,11 +102,12 @@ class ResumableSampler:
 
 def pair_loader(records: list[dict], root, tokenizer: Tokenizer, *, image_size: int, batch_size: int, max_len: int,
                 mlm_probability: float, seed: int, rank: int = 0, world: int = 1, start: int = 0,
-                num_workers: int = 0, augment: bool = False, skip_bad: bool = False) -> DataLoader:
+                num_workers: int = 0, augment: bool = False, skip_bad: bool = False,
+                mlm_mask_only: bool = False) -> DataLoader:
     dataset = PairDataset(records, root, image_transform(image_size, augment), skip_bad)
     sampler = ResumableSampler(len(dataset), batch_size, seed, rank, world, start)
     return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
-                      collate_fn=Collate(tokenizer, max_len, mlm_probability, seed, fixed=world > 1),
+                      collate_fn=Collate(tokenizer, max_len, mlm_probability, seed, world > 1, mlm_mask_only),
                       pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0,
                       prefetch_factor=4 if num_workers > 0 else None)
 

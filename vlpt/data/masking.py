@@ -7,39 +7,22 @@ IGNORE = -100
 
 
 def mask_tokens(ids: torch.Tensor, probability: float, mask_id: int, vocab_size: int, special_ids: list[int],
-                generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                generator: torch.Generator | None = None, mask_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """BERT masking: pick `probability` of non-special tokens; of those 80 % -> [MASK], 10 % random, 10 % kept.
+    With `mask_only` every picked token becomes [MASK] (MaskVLM Sec. 3.1, after Wettig et al. 2022).
 
     Returns (masked ids, labels) with labels = IGNORE where nothing is predicted.
     """
     pick = torch.rand(ids.shape, generator=generator) < probability
     pick &= ~torch.isin(ids, torch.tensor(special_ids, dtype=ids.dtype))
     labels = torch.where(pick, ids, IGNORE)
+    if mask_only:
+        return torch.where(pick, mask_id, ids), labels
     roll = torch.rand(ids.shape, generator=generator)
     random_ids = torch.randint(vocab_size, ids.shape, generator=generator, dtype=ids.dtype)
     masked = torch.where(pick & (roll < 0.8), mask_id, ids)
     masked = torch.where(pick & (roll >= 0.8) & (roll < 0.9), random_ids, masked)
     return masked, labels
-
-
-def mask_tokens_only(ids: torch.Tensor, probability: float, mask_id: int, special_ids: list[int],
-                     attention_mask: torch.Tensor | None = None,
-                     generator: torch.Generator | None = None,
-                     noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """MaskVLM text masking (Sec. 3.1, after Wettig et al. 2022): each non-special, unpadded token is picked with
-    `probability` and replaced by [MASK]; no random-token replacement, no kept tokens. Vectorised over (B,L).
-
-    The uniform noise is `noise` (B,L) if given (e.g. rows of a global batch's draw), else drawn from `generator`
-    on its device (CPU by default). Returns (masked ids, labels) with labels = IGNORE where nothing is predicted.
-    """
-    if noise is None:
-        device = generator.device if generator is not None else ids.device
-        noise = torch.rand(ids.shape, generator=generator, device=device)
-    pick = (noise < probability).to(ids.device)
-    pick &= ~torch.isin(ids, torch.tensor(special_ids, dtype=ids.dtype, device=ids.device))
-    if attention_mask is not None:
-        pick &= attention_mask.bool()
-    return torch.where(pick, mask_id, ids), torch.where(pick, ids, IGNORE)
 
 
 def mask_image_regions(batch: int, grid: tuple[int, int], region: int, ratio: float,

@@ -119,10 +119,10 @@ def train(cfg: Config) -> Path:
     accumulate = cfg.optim.accumulate
     loader = pair_loader(records, cfg.data.root, tokenizer, image_size=cfg.model.vision.image_size,
                          batch_size=cfg.data.batch_size, max_len=cfg.model.text.max_len,
-                         mlm_probability=cfg.method.mlm_probability if "mlm" in cfg.method.losses else 0.0,
+                         mlm_probability=cfg.method.mlm_probability,
                          seed=cfg.train.seed, rank=distributed.rank(), world=distributed.world_size(),
                          start=step * accumulate, num_workers=cfg.data.num_workers, augment=cfg.data.augment,
-                         skip_bad=cfg.data.skip_bad)
+                         skip_bad=cfg.data.skip_bad, mlm_mask_only=cfg.method.mlm_mask_only)
     log = MetricsLog(out, main)
     save_config = cfg.to_dict()
 

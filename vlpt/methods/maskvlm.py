@@ -7,7 +7,7 @@ text, method.maskvlm.image_cross_layers post-norm blocks of vlpt.models.text.Lay
 projection is needed); the image cross-modality decoder `decoder` (g_im^de, decoder_layers cross-attention blocks)
 + `to_pixels` (FC to patch*patch*3 per patch).
 
-- MVLM (Eq. 1): MLM of [MASK]-only text (text_ratio) from the unmasked image, and MIM, an L1 on masked pixels of
+- MVLM (Eq. 1): MLM of [MASK]-only text (method.mlm_probability) from the unmasked image, and MIM, an L1 on masked pixels of
   the (normalised) image masked in square regions (image_ratio) and fed to the ViT with a learnable mask token
   (SimMIM), from the unmasked text. `masking: one` (default, A.3 "one modality at a time") computes both
   reconstructions for every sample, each with the other modality unmasked, exactly as Eq. 1 writes phi_txt(I, T_m)
@@ -16,8 +16,9 @@ projection is needed); the image cross-modality decoder `decoder` (g_im^de, deco
 - ITM (Eq. 3): a FC on z_im^cross * z_txt^cross (image cross-encoder [CLS] times the pooled text cross-encoder
   output), ALBEF hard negatives from the ITC similarities (the base `itm`).
 
-Masks are drawn in `forward` from a generator seeded with (train.seed, step) over the global batch and sliced by
-rank, so runs are deterministic and independent of the number of ranks; the data Collate's BERT masks are unused.
+Text masks come from the data pipeline (`method.mlm_probability: 0.3`, `method.mlm_mask_only: true`), seeded per
+sample; image masks are drawn in `forward` from a generator seeded with (train.seed, step) over the global batch
+and sliced by rank, so runs are deterministic and independent of the number of ranks.
 Ablations (Table 5) are `method.losses` subsets of [itc, itm, mlm, mim]; masking ratios (Table 7) are config.
 """
 from __future__ import annotations
@@ -28,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlpt.data.masking import mask_image_regions, mask_tokens_only
+from vlpt.data.masking import mask_image_regions
 from vlpt.engine import distributed
 from vlpt.methods.base import Features, Method, register
 from vlpt.models.text import FusionEncoder, init_bert_
@@ -95,20 +96,15 @@ class MaskVLM(Method):
         return self.to_pixels(self.decoder(cross, None, text_hidden, text_mask)[:, 1:])
 
     # --- masks ---------------------------------------------------------------------------------------------------
-    def draw_masks(self, batch: dict, step: int):
-        """Image patch mask (B,N) and [MASK]-only text (ids, labels), from a (seed, step) generator over the global
-        batch, this rank's rows taken."""
+    def image_mask(self, n_local: int, step: int, device) -> torch.Tensor:
+        """Patch mask (n_local, N) of square regions, from a (seed, step) generator over the global batch, this
+        rank's rows taken."""
         v, mv = self.cfg.model.vision, self.cfg.method.maskvlm
-        ids, text_mask = batch["text_ids"], batch["text_mask"]
-        n_local = ids.shape[0]
-        n_all = n_local * distributed.world_size()
-        rows = distributed.local_rows(n_local)
         gen = torch.Generator().manual_seed(self.cfg.train.seed * 1_000_003 + step)
-        grid = self.vision.patch_embed.grid_size
-        patch_mask = mask_image_regions(n_all, tuple(grid), mv.region // v.patch_size, mv.image_ratio, gen)[rows]
-        noise = torch.rand(n_all, ids.shape[1], generator=gen)[rows]
-        masked_ids, labels = mask_tokens_only(ids, mv.text_ratio, mv.mask_id, mv.special_ids, text_mask, noise=noise)
-        return patch_mask.to(ids.device), masked_ids, labels
+        grid = tuple(self.vision.patch_embed.grid_size)
+        mask = mask_image_regions(n_local * distributed.world_size(), grid, mv.region // v.patch_size, mv.image_ratio,
+                                  gen)
+        return mask[distributed.local_rows(n_local)].to(device)
 
     # --- losses --------------------------------------------------------------------------------------------------
     def features(self, batch: dict) -> Features:
@@ -137,7 +133,8 @@ class MaskVLM(Method):
             out["itm"] = self.itm(f, step)
         if "mlm" not in losses and "mim" not in losses:
             return out
-        patch_mask, masked_ids, labels = self.draw_masks(batch, step)
+        patch_mask = self.image_mask(len(batch["image"]), step, batch["image"].device)
+        masked_ids, labels = batch.get("mlm_ids"), batch.get("mlm_labels")
         masked_tokens = self.encode_image(batch["image"], patch_mask=patch_mask)[0] if "mim" in losses \
             or mv.masking == "both" else None
         if "mlm" in losses:
@@ -155,4 +152,7 @@ class MaskVLM(Method):
         return out
 
     def push_queues(self, f: Features) -> None:  # no queues
+        pass
+
+    def after_step(self, step: int) -> None:  # no momentum teacher to update
         pass

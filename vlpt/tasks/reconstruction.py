@@ -1,0 +1,82 @@
+"""MaskVLM masked image reconstruction as a picture: original | masked | reconstructed, one row per image-text pair.
+
+The reconstruction is conditioned on the unmasked caption (MaskVLM Eq. 1, phi_im(I_m, T)); masked patches show the
+prediction and visible ones the original (SimMIM's convention).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from vlpt.data.annotations import load_annotations, load_image
+from vlpt.data.transforms import denormalize, image_transform
+from vlpt.objectives.masked_image import patchify, unpatchify
+
+
+@torch.no_grad()
+def reconstruct_pairs(model, images: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, seed: int = 0):
+    """(original, masked, reconstructed) normalised images (B,3,H,W) and the patch mask (B,N) from a MaskVLM model
+    in eval mode."""
+    from vlpt.data.masking import mask_image_regions
+
+    v, mv = model.cfg.model.vision, model.cfg.method.maskvlm
+    grid = tuple(model.vision.patch_embed.grid_size)
+    patch_mask = mask_image_regions(len(images), grid, mv.region // v.patch_size, mv.image_ratio,
+                                    torch.Generator().manual_seed(seed)).to(images.device)
+    tokens = model.encode_image(images, patch_mask=patch_mask)[0]
+    hidden = model.encode_text(ids, mask)[0]
+    pred = model.reconstruct(tokens, hidden, mask).float()
+    target = patchify(images, v.patch_size)
+    keep = patch_mask[..., None]
+    masked = unpatchify(torch.where(keep, torch.zeros_like(target), target), v.patch_size, grid)
+    recon = unpatchify(torch.where(keep, pred, target), v.patch_size, grid)
+    return images, masked, recon, patch_mask
+
+
+def save_reconstructions(model, tokenizer, annotation: str | Path, root: str | Path, out: str | Path, *,
+                         image_size: int, max_len: int, n: int = 8, seed: int = 0, device="cpu") -> Path:
+    """Reconstruct the first `n` pairs of a pretraining annotation file and save the grid as a PNG at `out`."""
+    from torchvision.utils import save_image
+
+    if not hasattr(model, "reconstruct"):
+        raise ValueError(f"method '{model.name}' has no image decoder (reconstruction needs maskvlm)")
+    records = load_annotations(annotation, "pretrain")[:n]
+    transform = image_transform(image_size)
+    images = torch.stack([transform(load_image(Path(root) / r["image"])) for r in records]).to(device)
+    captions = [r["caption"][0] if isinstance(r["caption"], list) else r["caption"] for r in records]
+    ids, mask = tokenizer(captions, max_len)
+    original, masked, recon, _ = reconstruct_pairs(model, images, ids.to(device), mask.to(device), seed)
+    grid = torch.stack([original, masked, recon], 1).flatten(0, 1)  # rows: pairs; columns: the three pictures
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_image(denormalize(grid.cpu()), out, nrow=3, padding=2)
+    return out
+
+
+
+@torch.no_grad()
+def masked_l1(model, tokenizer, annotation: str | Path, root: str | Path, *, image_size: int, max_len: int,
+              batch_size: int = 64, seed: int = 0, device="cpu") -> dict[str, float]:
+    """Mean L1 over masked pixels (normalised space) of every image of a split: the model's reconstruction from the
+    masked image and its first caption, against predicting each image's mean visible colour."""
+    records = load_annotations(annotation, "pretrain")
+    transform = image_transform(image_size)
+    patch = model.cfg.model.vision.patch_size
+    errors, count = {"model": 0.0, "mean_colour": 0.0}, 0
+    for start in range(0, len(records), batch_size):
+        chunk = records[start:start + batch_size]
+        images = torch.stack([transform(load_image(Path(root) / r["image"])) for r in chunk]).to(device)
+        ids, mask = tokenizer([r["caption"][0] if isinstance(r["caption"], list) else r["caption"] for r in chunk],
+                              max_len)
+        original, _, recon, hidden = reconstruct_pairs(model, images, ids.to(device), mask.to(device), seed + start)
+        b, n = hidden.shape
+        target = patchify(original, patch).view(b, n, patch * patch, 3)
+        pred = patchify(recon, patch).view(b, n, patch * patch, 3)
+        visible = (~hidden)[..., None, None].float()
+        colour = (target * visible).sum((1, 2), keepdim=True) / (visible.sum((1, 2), keepdim=True) * patch * patch)
+        masked = hidden[..., None, None].float()
+        errors["model"] += ((pred - target).abs() * masked).sum().item()
+        errors["mean_colour"] += ((colour - target).abs() * masked).sum().item()
+        count += int(hidden.sum()) * patch * patch * 3
+    return {name: total / max(count, 1) for name, total in errors.items()}
