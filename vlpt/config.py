@@ -111,6 +111,7 @@ class OptimConfig:
     weight_decay: float = opt(0.02, "AdamW weight decay (not on biases, norms, embeddings of positions)")
     betas: list = opt([0.9, 0.999], "AdamW betas")
     warmup_steps: int = opt(100, "linear warm-up steps")
+    module_lr: dict = opt({}, "peak learning rate per top-level module, e.g. {vision: 1.0e-5, text: 1.0e-5} (MaskVLM's encoders)")
     grad_clip: float = opt(5.0, "maximum global gradient norm; 0 disables")
     accumulate: int = opt(1, "micro-batches accumulated per optimiser step")
 
@@ -207,7 +208,7 @@ def _build(cls, values: dict, prefix: str = ""):
 
 def _merge(into: dict, new: dict) -> dict:
     for key, value in new.items():
-        if isinstance(value, dict) and isinstance(into.get(key), dict) and key != "loss_weights":
+        if isinstance(value, dict) and isinstance(into.get(key), dict) and key not in ("loss_weights", "module_lr"):
             _merge(into[key], value)
         else:
             into[key] = value

@@ -12,7 +12,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from vlpt import methods
-from vlpt.config import Config
+from vlpt.config import Config, ConfigError
 from vlpt.data.loader import load_pairs, pair_loader
 from vlpt.data.tokenizer import Tokenizer, tokenizer_for
 from vlpt.engine import checkpoint, distributed
@@ -36,17 +36,23 @@ def autocast(device: torch.device, precision: str):
 
 
 def build_optimizer(model: torch.nn.Module, cfg: Config, device: torch.device):
-    """AdamW without weight decay on biases, norms, tokens and embeddings of positions (1-D or named)."""
-    decay, no_decay = [], []
+    """AdamW without weight decay on biases, norms, tokens and embeddings of positions (1-D or named); top-level
+    modules named in `optim.module_lr` get their own peak learning rate, on the same schedule."""
+    o = cfg.optim
+    unknown = set(o.module_lr) - {name for name, _ in model.named_children()}
+    if unknown:
+        raise ConfigError(f"optim.module_lr names no module of the model: {sorted(unknown)}")
+    groups: dict[tuple[float, bool], list] = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if p.ndim < 2 or "pos_embed" in name or "cls_token" in name else decay).append(p)
-    o = cfg.optim
-    groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), fused=device.type == "cuda")
+            decay = not (p.ndim < 2 or "pos_embed" in name or "cls_token" in name)
+            groups.setdefault((float(o.module_lr.get(name.split(".")[0], o.lr)), decay), []).append(p)
+    optimizer = torch.optim.AdamW([{"params": params, "lr": lr, "weight_decay": o.weight_decay if decay else 0.0}
+                                   for (lr, decay), params in groups.items()],
+                                  lr=o.lr, betas=tuple(o.betas), fused=device.type == "cuda")
     total, warm = cfg.train.steps, o.warmup_steps
 
-    def factor(step: int) -> float:  # warm-up, then cosine from lr to min_lr
+    def factor(step: int) -> float:  # warm-up, then cosine from lr to min_lr (each group's peak scaled alike)
         if step < warm:
             return (step + 1) / warm
         t = (step - warm) / max(1, total - warm)
