@@ -183,9 +183,13 @@ def test_crash_while_saving_keeps_the_previous_checkpoint(shapes_data, tmp_path,
     saved = weights(out, 2)
     assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())
 
-    # ... and training resumes from it.
+    leftovers = list((out / "checkpoints").glob(".step_*.tmp*"))
+    assert leftovers or failing == "latest"  # the half-written folder of the crash is still there ...
+
+    # ... training resumes from the previous checkpoint, and the next save clears the leftover.
     train(config(shapes_data, out, "train.steps=4", "train.save_every=2", "train.resume=latest"))
     assert checkpoint.resolve(out).name == "step_000004"
+    assert not list((out / "checkpoints").glob(".step_*.tmp*"))
     assert checkpoint.load_state(checkpoint.resolve(out))["step"] == 4
 
 

@@ -46,8 +46,9 @@ def save(out: str | Path, step: int, model: torch.nn.Module, config: dict, vocab
     root = Path(out) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:06d}"
+    for stale in root.glob(".step_*.tmp*"):  # left by a crash mid-save (one writer per run: rank 0)
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = root / f".{final.name}.tmp{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(weights, str(tmp / WEIGHTS), metadata={"step": str(step)})
