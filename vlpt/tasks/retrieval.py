@@ -47,12 +47,13 @@ def encode_split(model, images: list[Path], texts: list[str], tokenizer, image_s
     loader = DataLoader(ImageFiles(images, image_transform(image_size)), batch_size=batch_size,
                         num_workers=num_workers)
     image_tokens, image_feat = [], []
-    for pixels in tqdm(loader, desc="images", disable=not progress, leave=False):
+    for pixels in tqdm(loader, desc="images", disable=None if progress else True, leave=False):
         tokens, feat = model.encode_image(pixels.to(device))
         image_tokens.append(tokens)
         image_feat.append(feat)
     text_hidden, text_feat, text_mask = [], [], []
-    for start in tqdm(range(0, len(texts), batch_size), desc="texts", disable=not progress, leave=False):
+    for start in tqdm(range(0, len(texts), batch_size), desc="texts", disable=None if progress else True,
+                      leave=False):
         ids, mask = tokenizer(texts[start:start + batch_size], max_len)
         hidden, feat = model.encode_text(ids.to(device), mask.to(device))
         text_hidden.append(hidden)
@@ -89,7 +90,7 @@ def rerank(model, enc: dict, sim: torch.Tensor, k: int, batch_size: int, progres
         cand = top.reshape(-1)
         image_idx, text_idx = (query, cand) if queries_are_images else (cand, query)
         itm = torch.cat([_match_scores(model, enc, image_idx[s:s + batch_size], text_idx[s:s + batch_size])
-                         for s in tqdm(range(0, len(cand), batch_size), desc="rerank", disable=not progress,
+                         for s in tqdm(range(0, len(cand), batch_size), desc="rerank", disable=None if progress else True,
                                        leave=False)])
         full = torch.full(scores.shape, -100.0, device=scores.device)
         full.scatter_(1, top, itm.view_as(top) + itc_weight * scores.gather(1, top))
