@@ -77,9 +77,6 @@ class MaskVLM(Method):
         tokens = vit.norm(vit.blocks(x))
         return tokens, F.normalize(self.vision_proj(tokens[:, 0]).float(), dim=-1)
 
-    def encode_text(self, ids, mask, teacher: bool = False):
-        return super().encode_text(ids, mask)
-
     def fuse_image(self, image_tokens, text_hidden, text_mask):
         """g_im: image tokens attend to themselves and to the text: (B,1+N,Wv)."""
         return self.image_fusion(image_tokens, None, text_hidden, text_mask)
@@ -150,9 +147,3 @@ class MaskVLM(Method):
             target = patchify(batch["image"], self.cfg.model.vision.patch_size)
             out["mim"] = mim_loss(pred, target, patch_mask, distributed.mean_count(patch_mask.sum()))
         return out
-
-    def push_queues(self, f: Features) -> None:  # no queues
-        pass
-
-    def after_step(self, step: int) -> None:  # no momentum teacher to update
-        pass

@@ -31,5 +31,7 @@ class MomentumTeacher(nn.Module):
     @torch.no_grad()
     def update(self) -> None:
         teacher, student = self._pairs()
+        if not teacher:  # a method without a teacher (MaskVLM)
+            return
         torch._foreach_mul_(teacher, self.momentum)
         torch._foreach_add_(teacher, [s.detach() for s in student], alpha=1.0 - self.momentum)

@@ -18,12 +18,9 @@ from vlpt.objectives.masked_image import patchify, unpatchify
 def reconstruct_pairs(model, images: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, seed: int = 0):
     """(original, masked, reconstructed) normalised images (B,3,H,W) and the patch mask (B,N) from a MaskVLM model
     in eval mode."""
-    from vlpt.data.masking import mask_image_regions
-
-    v, mv = model.cfg.model.vision, model.cfg.method.maskvlm
+    v = model.cfg.model.vision
     grid = tuple(model.vision.patch_embed.grid_size)
-    patch_mask = mask_image_regions(len(images), grid, mv.region // v.patch_size, mv.image_ratio,
-                                    torch.Generator().manual_seed(seed)).to(images.device)
+    patch_mask = model.image_mask(len(images), seed, images.device)  # the training masks' rule, `seed` as the step
     tokens = model.encode_image(images, patch_mask=patch_mask)[0]
     hidden = model.encode_text(ids, mask)[0]
     pred = model.reconstruct(tokens, hidden, mask).float()
