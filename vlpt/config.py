@@ -56,7 +56,7 @@ class ModelConfig:
 
 @dataclass
 class CodebookConfig:
-    size: int = opt(4000, "codewords K (CODIS: 4,000)")
+    size: int = opt(4000, "codewords K (CODIS: 4,000; CB-ViLA: 3,000)")
     epsilon: float = opt(0.1, "IPOT proximal (entropic) weight epsilon")
     outer_iters: int = opt(20, "IPOT outer (proximal point) iterations")
     inner_iters: int = opt(1, "IPOT inner (Sinkhorn) iterations per outer one")
@@ -76,6 +76,17 @@ class MaskVLMConfig:
 
 
 @dataclass
+class CBViLAConfig:
+    estimator: str = opt("gumbel", "gradient of the nearest-codeword look-up: gumbel (softmax over -distance, CB-ViLA Sec. III-A) or straight_through (VQ-VAE)",
+                         ("gumbel", "straight_through"))
+    gumbel_temperature: float = opt(1.0, "temperature of the gumbel-softmax over negative mean squared distances")
+    beta: float = opt(0.25, "commitment weight beta of Eq. 3 (VQ-VAE: 0.25)")
+    image_ratio: float = opt(0.75, "fraction of visual tokens masked for MIM (CB-ViLA, after MAE: 0.75)")
+    warmup_steps: int = opt(1000, "codebook warm-up: steps that train only ITM (+ITC) and the pixel/codebook terms before MIM and MLM join (Sec. IV-C)")
+    dead_after: int = opt(100, "steps a codeword may go unused before it is re-initialised from encoder outputs; 0 disables")
+
+
+@dataclass
 class MethodConfig:
     name: str = opt("albef", "registered method name (see `vlpt.methods.available()`)")
     losses: list = opt(["itc", "itm", "mlm"], "losses to train; the papers' ablations are subsets")
@@ -91,6 +102,7 @@ class MethodConfig:
     intra: bool = opt(False, "add intra-modal i2i and t2t alignment to ITC (CODIS Eq. 4-5)")
     codebook: CodebookConfig = field(default_factory=CodebookConfig)
     maskvlm: MaskVLMConfig = field(default_factory=MaskVLMConfig)
+    cbvila: CBViLAConfig = field(default_factory=CBViLAConfig)
 
 
 @dataclass
@@ -129,6 +141,10 @@ class TrainConfig:
     threads: int = opt(0, "torch intra-op threads on CPU; 0 keeps torch's default")
     resume: str = opt("", "checkpoint folder, or 'latest' in train.out, to resume from")
     progress: bool = opt(True, "show a tqdm progress bar")
+    parallel: str = opt("ddp", "how torchrun ranks share the model: ddp (full replicas, gradients all-reduced) or fsdp "
+                        "(FSDP2 fully_shard per transformer block: weights, gradients, AdamW state sharded)", ("ddp", "fsdp"))
+    compile: bool = opt(False, "torch.compile each transformer block and the MLM head (student and teacher)")
+    grad_checkpointing: bool = opt(False, "recompute the encoders' block activations in backward (less memory, more compute)")
 
 
 @dataclass

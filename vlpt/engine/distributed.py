@@ -58,6 +58,15 @@ def mean_count(count: torch.Tensor) -> torch.Tensor:
     return count / world_size()
 
 
+def all_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum of a tensor over ranks, without gradient."""
+    if not is_distributed():
+        return x
+    x = x.detach().clone()
+    dist.all_reduce(x)
+    return x
+
+
 def all_mean(x: torch.Tensor) -> torch.Tensor:
     """Average of a tensor over ranks (for logging)."""
     if not is_distributed():

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlpt.config import Config, ConfigError
+from vlpt.data.masking import mask_image_regions
 from vlpt.engine import distributed
 from vlpt.models.momentum import MomentumTeacher
 from vlpt.models.text import FusionEncoder, MLMHead, TextEncoder, init_bert_, load_bert_weights
@@ -171,9 +172,9 @@ class Method(nn.Module):
         labels = batch["mlm_labels"]
         return mlm_loss(logits, labels, teacher_logits, self.alpha(step), distributed.mean_count((labels >= 0).sum()))
 
-    def standard_losses(self, f: "Features", batch: dict, step: int) -> dict[str, torch.Tensor]:
-        """ITC, ITM and MLM, those of them listed in `method.losses`."""
-        losses, out = self.cfg.method.losses, {}
+    def standard_losses(self, f: "Features", batch: dict, step: int, losses=None) -> dict[str, torch.Tensor]:
+        """ITC, ITM and MLM, those of them listed in `losses` (default `method.losses`)."""
+        losses, out = self.cfg.method.losses if losses is None else losses, {}
         if "itc" in losses:
             out["itc"] = self.itc(f, step)
         if "itm" in losses:
@@ -181,6 +182,15 @@ class Method(nn.Module):
         if "mlm" in losses:
             out["mlm"] = self.mlm(f, batch, step)
         return out
+
+    def draw_image_mask(self, n_local: int, step: int, device, region: int, ratio: float) -> torch.Tensor:
+        """Patch mask (n_local, N) bool, True = masked: `ratio` of the square regions of `region` x `region` patches
+        of each image, from a (seed, step) generator over the global batch, this rank's rows taken (so N ranks
+        mask what one process would)."""
+        gen = torch.Generator().manual_seed(self.cfg.train.seed * 1_000_003 + step)
+        grid = tuple(self.vision.patch_embed.grid_size)
+        mask = mask_image_regions(n_local * distributed.world_size(), grid, region, ratio, gen)
+        return mask[distributed.local_rows(n_local)].to(device)
 
     def push_queues(self, f: "Features") -> None:
         self.queues.push(f.image_id, image=f.teacher_image, text=f.teacher_text)

@@ -29,7 +29,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlpt.data.masking import mask_image_regions
 from vlpt.engine import distributed
 from vlpt.methods.base import Features, Method, register
 from vlpt.models.text import FusionEncoder, init_bert_
@@ -94,14 +93,9 @@ class MaskVLM(Method):
 
     # --- masks ---------------------------------------------------------------------------------------------------
     def image_mask(self, n_local: int, step: int, device) -> torch.Tensor:
-        """Patch mask (n_local, N) of square regions, from a (seed, step) generator over the global batch, this
-        rank's rows taken."""
-        v, mv = self.cfg.model.vision, self.cfg.method.maskvlm
-        gen = torch.Generator().manual_seed(self.cfg.train.seed * 1_000_003 + step)
-        grid = tuple(self.vision.patch_embed.grid_size)
-        mask = mask_image_regions(n_local * distributed.world_size(), grid, mv.region // v.patch_size, mv.image_ratio,
-                                  gen)
-        return mask[distributed.local_rows(n_local)].to(device)
+        """The MIM mask: `method.maskvlm.image_ratio` of the square regions of `method.maskvlm.region` pixels."""
+        mv = self.cfg.method.maskvlm
+        return self.draw_image_mask(n_local, step, device, mv.region // self.cfg.model.vision.patch_size, mv.image_ratio)
 
     # --- losses --------------------------------------------------------------------------------------------------
     def features(self, batch: dict) -> Features:

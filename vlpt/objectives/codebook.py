@@ -1,7 +1,9 @@
-"""Codebooks: a multimodal prototype codebook solved by IPOT optimal transport (CODIS Sec. 3.1, Alg. 2, Eq. 1-3)."""
+"""Codebooks: a multimodal prototype codebook solved by IPOT optimal transport (CODIS Sec. 3.1, Alg. 2, Eq. 1-3) and
+a visual vector quantiser with gumbel-softmax or straight-through gradients (CB-ViLA Sec. III-A, Eq. 1, 3)."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -64,13 +66,83 @@ class PrototypeCodebook(nn.Module):
         predict_image = image.float() @ codewords.t() / temperature
         predict_text = text.float() @ codewords.t() / temperature
         loss = ot + soft_cross_entropy(predict_image, target_image) + soft_cross_entropy(predict_text, target_text)
-        return {"codebook": loss, **codebook_health(torch.cat([predict_image, predict_text]).detach())}
+        logits = torch.cat([predict_image, predict_text]).detach()
+        hits = torch.bincount(logits.argmax(-1), minlength=len(codewords))
+        return {"codebook": loss, **codebook_health(hits, F.softmax(logits.float(), dim=-1).sum(0))}
 
 
 @torch.no_grad()
-def codebook_health(logits: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Codewords that are some feature's nearest (argmax) this step, and the perplexity of the mean assignment."""
-    usage = torch.zeros(logits.shape[-1], device=logits.device).index_fill_(0, logits.argmax(-1), 1).sum()
-    mean = F.softmax(logits.float(), dim=-1).mean(0)
+def codebook_health(hits: torch.Tensor, mass: torch.Tensor) -> dict[str, torch.Tensor]:
+    """`hits` (K,): features whose nearest codeword each one is this step; `mass` (K,): assignment mass per codeword.
+    Usage is the number of codewords hit; perplexity is exp(entropy) of the normalised mass (K when uniform)."""
+    mean = mass.float() / mass.float().sum().clamp_min(1e-12)
     perplexity = torch.exp(-(mean * mean.clamp_min(1e-12).log()).sum())
-    return {"codebook_usage": usage, "codebook_perplexity": perplexity}
+    return {"codebook_usage": (hits > 0).sum().float(), "codebook_perplexity": perplexity}
+
+
+@dataclass
+class Quantized:
+    """A quantiser's output for encoder outputs v (..., d)."""
+    tokens: torch.Tensor         # z_q(v) (..., d): the nearest codewords, with the estimator's gradient
+    frozen_tokens: torch.Tensor  # the same values, with no gradient to the codebook (sg[C]); the encoder keeps its
+    indices: torch.Tensor        # (...,) long: the nearest codeword's index, Eq. 1
+    codebook: torch.Tensor       # ||sg[v] - c||^2, mean over elements: moves the codewords only (Eq. 3, 2nd term)
+    commitment: torch.Tensor     # ||v - sg[c]||^2: moves the encoder only (Eq. 3, 3rd term, without beta)
+
+
+class VectorQuantizer(nn.Module):
+    """K learnable codewords of dimension d (CB-ViLA Sec. III-A). Forward values are the nearest codewords (Eq. 1);
+    gradients come from a gumbel-softmax over negative mean squared distances (CB-ViLA; the one-hot of the nearest
+    codeword plus soft - sg[soft]: a straight-through gumbel estimator that keeps the nearest-neighbour forward) or
+    from VQ-VAE's straight-through copy v + sg[c - v], which gives the codebook no gradient from the decoder.
+
+    `last_used` records the step each codeword was last chosen; `restart_dead` re-initialises codewords unused for
+    `dead_after` steps from encoder outputs. It starts far in the past, so the first restart replaces every
+    codeword step 0 did not choose: a data-dependent initialisation.
+    """
+
+    def __init__(self, size: int, dim: int, estimator: str = "gumbel", temperature: float = 1.0):
+        super().__init__()
+        if estimator not in ("gumbel", "straight_through"):
+            raise ValueError(f"estimator must be gumbel or straight_through; got {estimator!r}")
+        self.codewords = nn.Parameter(torch.randn(size, dim))
+        self.estimator, self.temperature = estimator, temperature
+        self.register_buffer("last_used", torch.full((size,), -(2 ** 40), dtype=torch.long))
+
+    def distances(self, v: torch.Tensor, codewords: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean squared distance (n, K) between rows of v (n, d) and every codeword, in float32."""
+        v, c = v.float(), (self.codewords if codewords is None else codewords).float()
+        return ((v * v).sum(-1, keepdim=True) - 2 * v @ c.t() + (c * c).sum(-1)) / v.shape[-1]
+
+    def forward(self, v: torch.Tensor) -> Quantized:
+        shape = v.shape[:-1]
+        flat = v.reshape(-1, v.shape[-1])
+        dist = self.distances(flat)
+        indices = dist.argmin(-1)
+        nearest = self.codewords[indices].to(v.dtype)
+        if self.estimator == "gumbel":
+            gumbel = -torch.empty_like(dist).exponential_().log()
+            hard = F.one_hot(indices, len(self.codewords)).float()
+
+            def lookup(dist: torch.Tensor, codewords: torch.Tensor) -> torch.Tensor:
+                soft = F.softmax((gumbel - dist) / self.temperature, dim=-1)
+                return ((hard + soft - soft.detach()) @ codewords.float()).to(v.dtype)
+
+            tokens = lookup(dist, self.codewords)
+            frozen_codewords = self.codewords.detach()
+            frozen = lookup(self.distances(flat, frozen_codewords), frozen_codewords)
+        else:
+            tokens = frozen = flat + (nearest - flat).detach()
+        codebook = F.mse_loss(nearest.float(), flat.detach().float())
+        commitment = F.mse_loss(flat.float(), nearest.detach().float())
+        return Quantized(tokens.view(*shape, -1), frozen.view(*shape, -1), indices.view(shape), codebook, commitment)
+
+    @torch.no_grad()
+    def restart_dead(self, counts: torch.Tensor, candidates: torch.Tensor, step: int, dead_after: int) -> torch.Tensor:
+        """Record this step's use (`counts` (K,) assignments, identical on every rank) and replace every codeword
+        unused for `dead_after` steps by the matching row of `candidates` (K, d). Returns how many were replaced."""
+        self.last_used.copy_(torch.where(counts > 0, step, self.last_used))
+        dead = step - self.last_used >= dead_after
+        self.codewords.copy_(torch.where(dead[:, None], candidates.to(self.codewords.dtype), self.codewords))
+        self.last_used.copy_(torch.where(dead, step, self.last_used))
+        return dead.sum()
