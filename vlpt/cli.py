@@ -51,6 +51,15 @@ def cmd_evaluate(args) -> None:
                                      k=args.k, batch_size=args.batch_size, itc_weight=args.itc_weight, device=device,
                                      num_workers=args.num_workers)
     print(format_table({"retrieval": metrics}))
+    if hasattr(model, "quantizer"):  # a visual codebook (CB-ViLA): how much of it the split's patches use
+        from vlpt.tasks.codebook import assign_codewords, usage
+        images = [data / p for p in retrieval.read_split(data / f"retrieval_{args.split}.json")[0]]
+        indices = assign_codewords(model, images, image_size=cfg.model.vision.image_size, batch_size=args.batch_size,
+                                   device=device, num_workers=args.num_workers)
+        metrics.update(usage(indices, len(model.quantizer.codewords)))
+        print(f"codebook: {metrics['codebook_used']} of {len(model.quantizer.codewords)} codewords used by the "
+              f"{args.split} images' patches ({100 * metrics['codebook_used_fraction']:.1f} %), "
+              f"perplexity {metrics['codebook_perplexity']:.1f}")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(metrics, indent=2) + "\n")
@@ -102,6 +111,22 @@ def cmd_visualize_reconstruction(args) -> None:
                        max_len=cfg.model.text.max_len, seed=args.seed, device=device)
         print(f"masked-pixel L1 on {args.l1}: reconstruction {l1['model']:.4f}, "
               f"each image's mean visible colour {l1['mean_colour']:.4f}")
+
+
+def cmd_visualize_codebook(args) -> None:
+    from vlpt.engine.checkpoint import load_method
+    from vlpt.engine.trainer import pick_device
+    from vlpt.tasks.codebook import save_codebook_grid
+    from vlpt.tasks.retrieval import read_split
+
+    device = pick_device(args.device)
+    model, cfg, _ = load_method(args.checkpoint, device)
+    data = Path(args.data or cfg.data.root)
+    images = [data / p for p in read_split(data / f"retrieval_{args.split}.json")[0]]
+    out, rows, used = save_codebook_grid(model, images, args.out, image_size=cfg.model.vision.image_size,
+                                         codewords=args.codewords, patches=args.patches, seed=args.seed, device=device)
+    print(f"wrote {out}: one row per codeword ({', '.join(map(str, rows))}), patches of the {args.split} images "
+          f"quantised to it; {used['codebook_used']} of {len(model.quantizer.codewords)} codewords in use")
 
 
 def cmd_keys(args) -> None:
@@ -164,6 +189,17 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="auto")
     s.set_defaults(func=cmd_visualize_reconstruction)
 
+    s = vis.add_parser("codebook", help="CB-ViLA visual codebook: image patches assigned to sampled codewords (Fig. 3)")
+    s.add_argument("--checkpoint", required=True, help="checkpoint folder or run folder of a cbvila run")
+    s.add_argument("--out", default="codebook.png", help="PNG file to write")
+    s.add_argument("--data", default="", help="data folder (default: the checkpoint's data.root)")
+    s.add_argument("--split", default="test", help="reads the images of retrieval_<split>.json")
+    s.add_argument("--codewords", type=int, default=8, help="codewords drawn at random among those in use (rows)")
+    s.add_argument("--patches", type=int, default=10, help="patches drawn per codeword (columns)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--device", default="auto")
+    s.set_defaults(func=cmd_visualize_codebook)
+
     s = sub.add_parser("config", help="list every config key with its default and help")
     s.set_defaults(func=cmd_keys)
     return p
@@ -177,7 +213,7 @@ def main(argv: list[str] | None = None) -> None:
         args.func(args)
     except BrokenPipeError:  # output piped into `head` and the like
         sys.stderr.close()
-    except (ConfigError, AnnotationError, ImageError, FileNotFoundError) as err:
+    except (ConfigError, AnnotationError, ImageError, FileNotFoundError, ValueError) as err:
         message = str(err)
         if "Original Traceback" in message:  # raised in a DataLoader worker: torch prepends the worker's traceback
             message = message.rstrip().splitlines()[-1].split(": ", 1)[-1]

@@ -147,24 +147,26 @@ def train(cfg: Config) -> Path:
     bar = tqdm(total=cfg.train.steps, initial=step, disable=not (main and cfg.train.progress), desc=cfg.method.name,
                dynamic_ncols=True)
     sums: dict[str, torch.Tensor] = {}
-    tick, samples, logged = time.perf_counter(), 0, step
+    counts: dict[str, int] = {}  # steps that returned each output (a method may add losses mid-run, e.g. CB-ViLA)
+    tick, samples = time.perf_counter(), 0
     while step < cfg.train.steps:
         outputs = train_step(ddp, model, optimizer, scheduler, batches, step, cfg, device)
         samples += outputs.pop("samples")
         for k, v in outputs.items():  # losses, the method's metrics (codebook usage, ...), skipped, grad_norm
             sums[k] = sums.get(k, 0) + v
+            counts[k] = counts.get(k, 0) + 1
         step += 1
         bar.update(1)
         if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-            n = step - logged  # steps summed since the last line (fewer after a resume or at the end)
-            values = {k: distributed.all_mean(v.float()).item() / (1 if k == "skipped" else n) for k, v in sums.items()}
+            values = {k: distributed.all_mean(v.float()).item() / (1 if k == "skipped" else counts[k])
+                      for k, v in sums.items()}
             skipped += int(round(values.pop("skipped") * distributed.world_size()))
             elapsed = time.perf_counter() - tick
             row = {**{k: round(v, 5) for k, v in values.items()}, "lr": scheduler.get_last_lr()[0],
                    "samples_per_s": round(samples / elapsed, 2), "skipped_images": skipped}
             log.write(step, **row)
             bar.set_postfix({k: f"{v:.3g}" for k, v in row.items() if k in cfg.method.losses or k == "samples_per_s"})
-            sums, tick, samples, logged = {}, time.perf_counter(), 0, step
+            sums, counts, tick, samples = {}, {}, time.perf_counter(), 0
         if step % cfg.train.save_every == 0 or step == cfg.train.steps:
             save(step)
     bar.close()
