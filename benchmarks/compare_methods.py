@@ -37,8 +37,10 @@ from vlpt.tasks import retrieval  # noqa: E402
 
 CODIS = "pretrain/codis_tiny.yaml"
 MASKVLM = "pretrain/maskvlm_tiny.yaml"
+CBVILA = "pretrain/cbvila_tiny.yaml"
 # name -> (config, overrides): CODIS Table 4's rows are CODIS with parts switched off; MaskVLM Table 5's (losses) and
-# A.3's (masking both modalities at once) are MaskVLM's.
+# A.3's (masking both modalities at once) are MaskVLM's; CB-ViLA Table IV's are its losses (ITC kept in every row,
+# as ITM's hard negatives need it; "pixel" includes Eq. 3's codebook terms), plus its estimator and restarts.
 ROWS = {
     "albef": ("pretrain/albef_tiny.yaml", []),
     "codis": (CODIS, []),
@@ -53,6 +55,11 @@ ROWS = {
     "maskvlm:itc+itm+mlm": (MASKVLM, ["method.losses=[itc,itm,mlm]"]),
     "maskvlm:itc+itm+mim": (MASKVLM, ["method.losses=[itc,itm,mim]"]),
     "maskvlm:both": (MASKVLM, ["method.maskvlm.masking=both"]),
+    "cbvila": (CBVILA, []),  # Table IV: MLM+ITM+Pixel+MIM
+    "cbvila:mlm+itm": (CBVILA, ["method.losses=[itc,itm,mlm]"]),
+    "cbvila:mlm+itm+pixel": (CBVILA, ["method.losses=[itc,itm,mlm,pixel,codebook]"]),
+    "cbvila:straight_through": (CBVILA, ["method.cbvila.estimator=straight_through"]),
+    "cbvila:no_restarts": (CBVILA, ["method.cbvila.dead_after=0"]),
 }
 
 
