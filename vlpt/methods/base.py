@@ -187,17 +187,18 @@ class Method(nn.Module):
         """Patch mask (n_local, N) bool, True = masked: `ratio` of the square regions of `region` x `region` patches
         of each image, from a (seed, step) generator over the global batch, this rank's rows taken (so N ranks
         mask what one process would)."""
-        gen = torch.Generator().manual_seed(self.cfg.train.seed * 1_000_003 + step)
-        grid = tuple(self.vision.patch_embed.grid_size)
+        gen = torch.Generator(device).manual_seed(self.cfg.train.seed * 1_000_003 + step)  # drawn on the device:
+        grid = tuple(self.vision.patch_embed.grid_size)                                  # no copy, no sync
         mask = mask_image_regions(n_local * distributed.world_size(), grid, region, ratio, gen)
-        return mask[distributed.local_rows(n_local)].to(device)
+        return mask[distributed.local_rows(n_local)]
 
     def push_queues(self, f: "Features") -> None:
         self.queues.push(f.image_id, image=f.teacher_image, text=f.teacher_text)
 
     # --- training hooks used by the trainer ----------------------------------------------------------------------
     def temperature(self) -> torch.Tensor:
-        return self.temp.clamp(0.001, 0.5)
+        """The ITC temperature, a 0-d tensor."""
+        return self.temp.clamp(0.001, 0.5).squeeze(0)
 
     def alpha(self, step: int) -> float:
         """Distillation weight, ramped linearly over `alpha_warmup_steps` (ALBEF: the first epoch)."""

@@ -31,7 +31,7 @@ from torch import nn
 from vlpt.engine import distributed
 from vlpt.methods.base import Method, register
 from vlpt.models.text import init_bert_
-from vlpt.objectives.codebook import Quantized, VectorQuantizer, codebook_health
+from vlpt.objectives.codebook import Quantized, VectorQuantizer, assignment_counts, codebook_health
 from vlpt.objectives.masked_image import codeword_mim_loss, patchify, pixel_mse
 
 
@@ -93,12 +93,12 @@ class CBViLA(Method):
         """Usage and perplexity over the global batch; keeps this step's counts and K candidate encoder outputs
         (global token positions from a (seed, step) generator, each rank filling its own) for `after_step`."""
         size = len(self.quantizer.codewords)
-        counts = distributed.all_sum(torch.bincount(q.indices.flatten(), minlength=size))
+        counts = distributed.all_sum(assignment_counts(q.indices, size))
         if self.cfg.method.cbvila.dead_after > 0:
             flat = v.detach().flatten(0, 1)
             n = len(flat)
-            gen = torch.Generator().manual_seed(self.cfg.train.seed * 7_368_787 + step)
-            pick = torch.randint(n * distributed.world_size(), (size,), generator=gen).to(flat.device) - \
+            gen = torch.Generator(flat.device).manual_seed(self.cfg.train.seed * 7_368_787 + step)
+            pick = torch.randint(n * distributed.world_size(), (size,), generator=gen, device=flat.device) - \
                 distributed.rank() * n
             inside = (pick >= 0) & (pick < n)
             candidates = torch.where(inside[:, None], flat[pick.clamp(0, n - 1)].float(), 0.0)

@@ -67,8 +67,15 @@ class PrototypeCodebook(nn.Module):
         predict_text = text.float() @ codewords.t() / temperature
         loss = ot + soft_cross_entropy(predict_image, target_image) + soft_cross_entropy(predict_text, target_text)
         logits = torch.cat([predict_image, predict_text]).detach()
-        hits = torch.bincount(logits.argmax(-1), minlength=len(codewords))
+        hits = assignment_counts(logits.argmax(-1), len(codewords))
         return {"codebook": loss, **codebook_health(hits, F.softmax(logits.float(), dim=-1).sum(0))}
+
+
+def assignment_counts(indices: torch.Tensor, size: int) -> torch.Tensor:
+    """How many of `indices` name each of `size` codewords: (size,) float. Unlike `torch.bincount`, no host sync on
+    CUDA (bincount reads the maximum index back to size its output)."""
+    flat = indices.flatten()
+    return torch.zeros(size, device=flat.device).index_add_(0, flat, torch.ones(flat.shape, device=flat.device))
 
 
 @torch.no_grad()
