@@ -60,6 +60,9 @@ def cmd_evaluate(args) -> None:
         print(f"codebook: {metrics['codebook_used']} of {len(model.quantizer.codewords)} codewords used by the "
               f"{args.split} images' patches ({100 * metrics['codebook_used_fraction']:.1f} %), "
               f"perplexity {metrics['codebook_perplexity']:.1f}")
+        if metrics["codebook_used_fraction"] < 0.05:
+            print("warning: under 5 % of the codebook is in use: it has collapsed (are restarts off? "
+                  "method.cbvila.dead_after)")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(metrics, indent=2) + "\n")
