@@ -25,6 +25,21 @@ def cmd_synth(args) -> None:
     print(f"wrote {out}")
 
 
+def cmd_shard(args) -> None:
+    from vlpt.data.shards import write_shards
+    try:
+        index = write_shards(args.annotations, args.images or None, args.out, args.shard_size, shuffle=args.shuffle,
+                             seed=args.seed, skip_bad=args.skip_bad, progress=sys.stderr.isatty())
+    except FileExistsError as err:
+        sys.exit(f"vlpt: error: {err}")
+    shards, bad = len(index["shards"]), index["skipped_images"]
+    names = f"{{000000..{shards - 1:06d}}}.tar" if shards > 1 else "000000.tar"
+    print(f"wrote {index['samples']} samples in {shards} shards: data.train={Path(args.out) / names}")
+    if bad:
+        print(f"skipped the records of {len(bad)} unreadable images (listed in {Path(args.out) / 'index.json'}), "
+              f"e.g. {bad[0]}")
+
+
 def cmd_pretrain(args) -> None:
     from vlpt.config import load_config
     from vlpt.engine.trainer import train
@@ -151,6 +166,19 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--test", type=int, default=1000)
     s.add_argument("--image-size", type=int, default=64)
     s.set_defaults(func=cmd_synth)
+
+    s = data.add_parser("shard", help="write a pretraining annotation file and its images as WebDataset tar shards")
+    s.add_argument("--annotations", required=True, help="JSON list of {image, caption[, image_id]} records")
+    s.add_argument("--images", default="", help="folder the records' image paths are relative to "
+                   "(default: the annotation file's folder)")
+    s.add_argument("--out", required=True, help="folder for 000000.tar, 000001.tar, ... and index.json")
+    s.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+    s.add_argument("--shuffle", action=argparse.BooleanOptionalAction, default=True,
+                   help="write the records in a seeded random order (files list an image's captions together)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the order")
+    s.add_argument("--skip-bad", action="store_true",
+                   help="leave out (and count) records whose image cannot be read instead of failing (data.skip_bad)")
+    s.set_defaults(func=cmd_shard)
 
     s = sub.add_parser("pretrain", help="pretrain a method; key=value arguments override the config")
     s.add_argument("--config", required=True, help="YAML file (path, or relative to configs/)")

@@ -108,11 +108,21 @@ class MethodConfig:
 @dataclass
 class DataConfig:
     root: str = opt("data/shapes", "data set folder; annotation and image paths are relative to it")
-    train: str = opt("pretrain.json", "training annotation file, relative to root")
+    train: str = opt("pretrain.json", "training data, relative to root unless absolute: a .json annotation file, or "
+                     "WebDataset .tar shards as brace patterns, sources joined by '::' "
+                     "(shards/{000000..000099}.tar::coco/{000..009}.tar; see `vlpt data shard`)")
+    weights: list = opt([], "share of the samples drawn from each '::' source of sharded data.train (normalised); "
+                        "empty: in proportion to their sample counts")
+    streams: int = opt(0, "sharded data: independent shard streams making up the global batch (must divide it; the "
+                       "same value gives the same batches on any number of processes; at least world x num_workers "
+                       "keeps every worker busy); 0: the largest divisor of the global batch up to 64")
+    shuffle_block: int = opt(64, "sharded data: samples of a stream shuffled together (seeded), held per stream as "
+                             "raw bytes; a bad sample is replaced by the next readable one of its block")
     vocab: str = opt("vocab.txt", "WordPiece vocab, relative to root (or absolute); a missing file is trained from the captions")
     batch_size: int = opt(64, "samples per step per process")
     num_workers: int = opt(2, "DataLoader worker processes")
-    skip_bad: bool = opt(False, "skip unreadable images (counted in the log) instead of failing")
+    skip_bad: bool = opt(False, "skip unreadable images (counted in the log) instead of failing; sharded data "
+                         "always skips and counts them")
     augment: bool = opt(False, "RandomResizedCrop + RandAugment (off for spatial captions: flips and crops change 'left of')")
 
 

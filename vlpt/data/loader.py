@@ -114,3 +114,33 @@ def pair_loader(records: list[dict], root, tokenizer: Tokenizer, *, image_size: 
 
 def load_pairs(path: str | Path) -> list[dict]:
     return load_annotations(path, "pretrain")
+
+
+def training_set(cfg):
+    """`data.train` as JSON records, or as a ShardSet (WebDataset shards, every one found and counted): a missing
+    file or shard, or a bad pattern, fails here, before any work."""
+    from vlpt.data.shards import ShardSet, is_sharded
+    if is_sharded(cfg.data.train):
+        return ShardSet.open(cfg.data.train, cfg.data.root, cfg.data.weights)
+    if cfg.data.weights:
+        from vlpt.config import ConfigError
+        raise ConfigError("data.weights weighs the '::' sources of sharded data.train; a .json file has one")
+    return load_pairs(Path(cfg.data.root) / cfg.data.train)
+
+
+def captions(data):
+    """The captions of a training set (JSON records or shards), for a vocab trained on them."""
+    return (r["caption"] for r in data) if isinstance(data, list) else data.captions()
+
+
+def train_loader(cfg, data, tokenizer: Tokenizer, rank: int = 0, world: int = 1, start: int = 0):
+    """Endless batches of `rank` of `world` from global batch `start` on, from JSON records or shards alike."""
+    d, kwargs = cfg.data, dict(image_size=cfg.model.vision.image_size, batch_size=cfg.data.batch_size,
+                               max_len=cfg.model.text.max_len, mlm_probability=cfg.method.mlm_probability,
+                               seed=cfg.train.seed, rank=rank, world=world, start=start,
+                               num_workers=cfg.data.num_workers, augment=cfg.data.augment,
+                               mlm_mask_only=cfg.method.mlm_mask_only)
+    if isinstance(data, list):
+        return pair_loader(data, d.root, tokenizer, skip_bad=d.skip_bad, **kwargs)
+    from vlpt.data.shards import shard_loader
+    return shard_loader(data, tokenizer, streams=d.streams, shuffle_block=d.shuffle_block, **kwargs)

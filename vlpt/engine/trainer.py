@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from vlpt import methods
 from vlpt.config import Config, ConfigError
-from vlpt.data.loader import load_pairs, pair_loader
+from vlpt.data.loader import captions, train_loader, training_set
 from vlpt.data.tokenizer import Tokenizer, tokenizer_for
 from vlpt.engine import checkpoint, distributed
 from vlpt.engine.logging import MetricsLog
@@ -106,8 +106,8 @@ def train(cfg: Config) -> Path:
     device = pick_device(cfg.train.device)            # now with this rank's GPU
     out, main = Path(cfg.train.out), distributed.is_main()
     path = checkpoint.resolve(cfg.train.resume, out) if cfg.train.resume else None
-    records = load_pairs(Path(cfg.data.root) / cfg.data.train)
-    tokenizer = Tokenizer(path / checkpoint.VOCAB) if path else tokenizer_for(cfg, (r["caption"] for r in records), out)
+    data = training_set(cfg)  # JSON records or shards: a missing file or shard fails here
+    tokenizer = Tokenizer(path / checkpoint.VOCAB) if path else tokenizer_for(cfg, captions(data), out)
 
     torch.manual_seed(cfg.train.seed)
     model = methods.build(cfg, tokenizer.vocab_size).to(device)
@@ -123,12 +123,8 @@ def train(cfg: Config) -> Path:
     ddp = DistributedDataParallel(model, find_unused_parameters=True) if distributed.is_distributed() else model
 
     accumulate = cfg.optim.accumulate
-    loader = pair_loader(records, cfg.data.root, tokenizer, image_size=cfg.model.vision.image_size,
-                         batch_size=cfg.data.batch_size, max_len=cfg.model.text.max_len,
-                         mlm_probability=cfg.method.mlm_probability,
-                         seed=cfg.train.seed, rank=distributed.rank(), world=distributed.world_size(),
-                         start=step * accumulate, num_workers=cfg.data.num_workers, augment=cfg.data.augment,
-                         skip_bad=cfg.data.skip_bad, mlm_mask_only=cfg.method.mlm_mask_only)
+    loader = train_loader(cfg, data, tokenizer, rank=distributed.rank(), world=distributed.world_size(),
+                          start=step * accumulate)
     log = MetricsLog(out, main)
     save_config = cfg.to_dict()
 
