@@ -98,7 +98,7 @@ def write_shards(annotations: str | Path, images: str | Path | None = None, out:
     if shuffle:
         random.Random(f"vlpt-shard-writer:{seed}").shuffle(order)
 
-    readable: dict[str, bool] = {}  # each image decoded once to check it, however many records name it
+    readable: dict[Path, bool] = {}  # each image decoded once to check it, however many records name it
     skipped: list[str] = []
     counts: dict[str, int] = {}
     writer, name = None, ""
