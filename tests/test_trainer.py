@@ -1,12 +1,9 @@
-"""The training loop: learning, exact resume (library and CLI), DDP equivalence, atomic and checked checkpoints."""
+"""The training loop: learning, exact resume (library and CLI), atomic and checked checkpoints (DDP and FSDP:
+test_parallel.py)."""
 from __future__ import annotations
 
-import os
 import shutil
-import socket
 import statistics
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -111,36 +108,6 @@ def test_cli_resume_latest(shapes_data, tmp_path, capsys):
     assert not torch.equal(before["temp"], weights(out, 4)["temp"])
     model, cfg, _ = checkpoint.load_method(out)
     assert cfg.train.steps == 4 and cfg.train.resume == "latest" and not model.training
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_two_process_ddp_matches_one_process(shapes_data, tmp_path):
-    """2 gloo ranks with 4 samples each = 1 process with 8: the same losses at every step, the same weights."""
-    steps = ["train.steps=3", "train.log_every=1", "optim.lr=0.001"]
-    single = train(config(shapes_data, tmp_path / "one", *steps))
-
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "PYTHONWARNINGS": "ignore"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-           "--master-port", str(free_port()), "-m", "vlpt", "pretrain", "--config", CONFIG,
-           *overrides(shapes_data, tmp_path / "two", *steps), "data.batch_size=4"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    double = tmp_path / "two"
-
-    one, two = read_metrics(single), read_metrics(double)
-    assert [r["step"] for r in one] == [r["step"] for r in two] == [1, 2, 3]
-    for r1, r2 in zip(one, two):
-        for name in (*LOSSES, "grad_norm", "lr"):
-            assert r2[name] == pytest.approx(r1[name], rel=1e-4), (r1["step"], name)
-    w1, w2 = weights(single, 3), weights(double, 3)
-    assert w1.keys() == w2.keys()
-    for k in w1:
-        torch.testing.assert_close(w2[k], w1[k], atol=1e-5, rtol=0, msg=lambda m: f"{k}: {m}")
 
 
 @pytest.mark.parametrize("failing", ["weights", "state", "latest"])

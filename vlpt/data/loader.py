@@ -71,6 +71,8 @@ class Collate:
                 t = self.tokenizer
                 batch["mlm_ids"][row, :n], batch["mlm_labels"][row, :n] = mask_tokens(
                     ids[row, :n], self.mlm_probability, t.mask_id, t.vocab_size, t.special_ids, gen, self.mask_only)
+            # the masked tokens' indices in the flattened text, found here so the step need not wait for the device
+            batch["mlm_positions"] = (batch["mlm_labels"].flatten() != IGNORE).nonzero().squeeze(1)
         return batch
 
 

@@ -3,6 +3,9 @@
 Layout: `<out>/checkpoints/step_000100/{model.safetensors, state.pt, config.yaml, vocab.txt}` and `<out>/latest`
 naming the newest. Each checkpoint is written into a temporary folder and renamed into place, then `latest` is
 replaced atomically, so a crash at any moment leaves the previous checkpoint loadable.
+
+One format whatever ran it (one process, DDP or FSDP; `engine/parallel.py`): full weights, the optimiser state keyed
+by parameter name, and each rank's RNG state; so a run resumes under another mode or number of ranks.
 """
 from __future__ import annotations
 
@@ -16,6 +19,8 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
+from vlpt.engine import distributed
+
 WEIGHTS, STATE, CONFIG, VOCAB = "model.safetensors", "state.pt", "config.yaml", "vocab.txt"
 
 
@@ -26,7 +31,11 @@ def rng_state() -> dict:
     return state
 
 
-def set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict | list[dict]) -> None:
+    """Restore `rng_state()`; given one per rank (as the trainer saves them), this rank's, or rank 0's when the
+    number of ranks changed."""
+    if isinstance(state, list):
+        state = state[distributed.rank()] if len(state) == distributed.world_size() else state[0]
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
@@ -40,9 +49,10 @@ def _replace_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def save(out: str | Path, step: int, model: torch.nn.Module, config: dict, vocab: str | Path,
+def save(out: str | Path, step: int, model: torch.nn.Module | dict, config: dict, vocab: str | Path,
          state: dict | None = None, keep: int = 0) -> Path:
-    """Write checkpoint `step` under `out` atomically and point `out/latest` at it; keep the newest `keep`."""
+    """Write checkpoint `step` under `out` atomically and point `out/latest` at it; keep the newest `keep`.
+    `model` is a module or its (full) state dict."""
     root = Path(out) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:06d}"
@@ -50,7 +60,8 @@ def save(out: str | Path, step: int, model: torch.nn.Module, config: dict, vocab
         shutil.rmtree(stale, ignore_errors=True)
     tmp = root / f".{final.name}.tmp{os.getpid()}"
     tmp.mkdir()
-    weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    weights = {k: v.detach().contiguous().cpu()
+               for k, v in (model if isinstance(model, dict) else model.state_dict()).items()}
     save_file(weights, str(tmp / WEIGHTS), metadata={"step": str(step)})
     torch.save({"step": step, **(state or {})}, tmp / STATE)
     (tmp / CONFIG).write_text(yaml.safe_dump(config, sort_keys=False))

@@ -67,6 +67,15 @@ def all_sum(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def gather_objects(obj) -> list:
+    """A picklable object from every rank, in rank order."""
+    if not is_distributed():
+        return [obj]
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def all_mean(x: torch.Tensor) -> torch.Tensor:
     """Average of a tensor over ranks (for logging)."""
     if not is_distributed():

@@ -1,5 +1,6 @@
 """The one training loop for every method: AdamW, warm-up + cosine, clipping, accumulation, bf16 autocast on GPU,
-torchrun DDP, tqdm progress, JSONL metrics, atomic checkpoints and exact resume."""
+torchrun DDP or FSDP, compile and gradient checkpointing (`parallel.py`), tqdm progress, JSONL metrics, atomic
+checkpoints and exact resume."""
 from __future__ import annotations
 
 import math
@@ -8,14 +9,13 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from vlpt import methods
 from vlpt.config import Config, ConfigError
 from vlpt.data.loader import captions, train_loader, training_set
 from vlpt.data.tokenizer import Tokenizer, tokenizer_for
-from vlpt.engine import checkpoint, distributed
+from vlpt.engine import checkpoint, distributed, parallel
 from vlpt.engine.logging import MetricsLog
 
 
@@ -74,8 +74,7 @@ def forward_backward(ddp, batches, step: int, cfg: Config, device: torch.device)
     for micro in range(accumulate):
         batch = to_device(next(batches), device)
         sums["skipped"] = sums.get("skipped", 0) + batch.pop("skipped", torch.tensor(0))
-        sync = micro == accumulate - 1 or not isinstance(ddp, DistributedDataParallel)
-        with (nullcontext() if sync else ddp.no_sync()), autocast(device, cfg.train.precision):
+        with parallel.grad_sync(ddp, micro == accumulate - 1), autocast(device, cfg.train.precision):
             outputs = ddp(batch, step)
             total = sum(weights.get(k, 1.0) * v for k, v in outputs.items() if k in cfg.method.losses)
         (total / accumulate).backward()
@@ -89,7 +88,7 @@ def train_step(ddp, model, optimizer, scheduler, batches, step: int, cfg: Config
     """One optimiser step: forward/backward over the micro-batches, clipping, AdamW, schedule, teacher EMA."""
     outputs = forward_backward(ddp, batches, step, cfg, device)
     if cfg.optim.grad_clip > 0:
-        outputs["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip).detach()
+        outputs["grad_norm"] = parallel.clip_grad_norm(model, cfg.optim.grad_clip).detach()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     scheduler.step()
@@ -104,6 +103,8 @@ def train(cfg: Config) -> Path:
         torch.set_num_threads(cfg.train.threads)
     distributed.init(pick_device(cfg.train.device))  # the backend follows the device type
     device = pick_device(cfg.train.device)            # now with this rank's GPU
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)  # NCCL and FSDP use the current device
     out, main = Path(cfg.train.out), distributed.is_main()
     path = checkpoint.resolve(cfg.train.resume, out) if cfg.train.resume else None
     data = training_set(cfg)  # JSON records or shards: a missing file or shard fails here
@@ -111,16 +112,16 @@ def train(cfg: Config) -> Path:
 
     torch.manual_seed(cfg.train.seed)
     model = methods.build(cfg, tokenizer.vocab_size).to(device)
-    optimizer, scheduler = build_optimizer(model, cfg, device)
     step, skipped, state = 0, 0, None
     if path:
-        checkpoint.load_weights(path, model)
+        checkpoint.load_weights(path, model)  # full weights, before FSDP shards them
         state = checkpoint.load_state(path)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
         step, skipped = state["step"], state.get("skipped", 0)
-    # find_unused_parameters: ablations (e.g. losses: [itc]) leave the fusion encoder and heads without gradient
-    ddp = DistributedDataParallel(model, find_unused_parameters=True) if distributed.is_distributed() else model
+    ddp = parallel.prepare(model, cfg, device)  # checkpointing, compile; DDP or FSDP under torchrun
+    optimizer, scheduler = build_optimizer(model, cfg, device)  # after FSDP, which replaces the parameters
+    if state is not None:
+        parallel.load_optimizer_state(model, optimizer, state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
 
     accumulate = cfg.optim.accumulate
     loader = train_loader(cfg, data, tokenizer, rank=distributed.rank(), world=distributed.world_size(),
@@ -129,10 +130,13 @@ def train(cfg: Config) -> Path:
     save_config = cfg.to_dict()
 
     def save(at: int) -> None:
+        # every rank takes part: FSDP gathers the shards to rank 0; each rank's RNG state is kept
+        weights, optim = parallel.model_state(model), parallel.optimizer_state(model, optimizer)
+        rng = distributed.gather_objects(checkpoint.rng_state())
         if main:
-            state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": checkpoint.rng_state(),
+            state = {"optimizer": optim, "scheduler": scheduler.state_dict(), "rng": rng,
                      "skipped": skipped, "data_position": at * accumulate}
-            checkpoint.save(out, at, model, save_config, tokenizer.vocab_path, state, keep=cfg.train.keep)
+            checkpoint.save(out, at, weights, save_config, tokenizer.vocab_path, state, keep=cfg.train.keep)
         if distributed.is_distributed():
             torch.distributed.barrier()
 

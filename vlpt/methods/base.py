@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlpt.config import Config, ConfigError
-from vlpt.data.masking import mask_image_regions
+from vlpt.data.masking import IGNORE, mask_image_regions
 from vlpt.engine import distributed
 from vlpt.models.momentum import MomentumTeacher
 from vlpt.models.text import FusionEncoder, MLMHead, TextEncoder, init_bert_, load_bert_weights
@@ -80,7 +80,8 @@ class Method(nn.Module):
         self.mlm_head = MLMHead(t.width, vocab_size)
         for head in (self.vision_proj, self.text_proj, self.itm_head):
             init_bert_(head)
-        self.temp = nn.Parameter(torch.tensor(m.temperature))
+        self.temp = nn.Parameter(torch.tensor([m.temperature]))  # 1-D: FSDP shards no 0-d parameter
+        self.register_load_state_dict_pre_hook(_temp_as_vector)
         self.teacher = MomentumTeacher({name: getattr(self, name) for name in self.teacher_modules}, m.momentum)
         self.queues = FeatureQueues(m.embed_dim, m.queue_size)
 
@@ -113,10 +114,15 @@ class Method(nn.Module):
         """Match / no-match logits (B,2) from the pooled fused states ([CLS] in ALBEF)."""
         return self.itm_head(self.pool(self.fuse(image_tokens, text_hidden, text_mask), text_mask))
 
-    def mlm_logits(self, image_tokens, ids, mask, teacher: bool = False):
-        """Vocabulary logits (B,L,V) for (masked) text ids conditioned on the image."""
-        hidden = self._part("text", teacher)(ids, mask)
+    def mlm_logits(self, image_tokens, ids, mask, teacher: bool = False, positions: torch.Tensor | None = None,
+                   hidden: torch.Tensor | None = None):
+        """Vocabulary logits (B,L,V) for (masked) text ids conditioned on the image; with `positions` (M,), indices
+        into the flattened (B*L) tokens, only those tokens' logits (M,V): the head need not run on every token.
+        `hidden`: the text encoder's states of `ids` when already computed."""
+        hidden = self._part("text", teacher)(ids, mask) if hidden is None else hidden
         fused = self.fuse(image_tokens, hidden, mask, teacher)
+        if positions is not None:
+            fused = fused.flatten(0, 1)[positions]
         words = self._part("text", teacher).embeddings.word.weight
         return self._part("mlm_head", teacher)(fused, words)
 
@@ -131,8 +137,8 @@ class Method(nn.Module):
             ids = batch["image_id"]
             batch_ids = distributed.gather(ids)
             positives = ids[:, None] == torch.cat([batch_ids, self.queues.ids])[None]
-            image_keys = torch.cat([distributed.gather(teacher_image), self.queues.image.clone()])
-            text_keys = torch.cat([distributed.gather(teacher_text), self.queues.text.clone()])
+            image_keys = torch.cat([distributed.gather(teacher_image), self.queues.image])  # cat copies: the
+            text_keys = torch.cat([distributed.gather(teacher_text), self.queues.text])     # queue push is safe
         return Features(image_tokens, image_feat, text_hidden, text_feat, batch["text_mask"], teacher_tokens,
                         teacher_image, teacher_text, ids, image_keys, text_keys, positives, len(batch_ids))
 
@@ -161,16 +167,18 @@ class Method(nn.Module):
         images = torch.cat([f.image_tokens, all_tokens[neg_image], f.image_tokens])
         texts = torch.cat([f.text_hidden, f.text_hidden, all_hidden[neg_text]])
         masks = torch.cat([f.text_mask, f.text_mask, all_mask[neg_text]])
-        labels = torch.cat([torch.ones(n_local), torch.zeros(2 * n_local)]).long().to(images.device)
+        labels = (torch.arange(3 * n_local, device=images.device) < n_local).long()  # made on the device: no copy
         return itm_loss(self.itm_logits(images, texts, masks), labels)
 
     def mlm(self, f: "Features", batch: dict, step: int) -> torch.Tensor:
         """ALBEF Eq. 5 + 7: masked tokens predicted from text and image, distilled from the teacher."""
-        logits = self.mlm_logits(f.image_tokens, batch["mlm_ids"], f.text_mask)
+        positions, labels = mlm_positions(batch), batch["mlm_labels"]
+        logits = self.mlm_logits(f.image_tokens, batch["mlm_ids"], f.text_mask, positions=positions)
         with torch.no_grad():
-            teacher_logits = self.mlm_logits(f.teacher_tokens, batch["mlm_ids"], f.text_mask, teacher=True)
-        labels = batch["mlm_labels"]
-        return mlm_loss(logits, labels, teacher_logits, self.alpha(step), distributed.mean_count((labels >= 0).sum()))
+            teacher_logits = self.mlm_logits(f.teacher_tokens, batch["mlm_ids"], f.text_mask, teacher=True,
+                                             positions=positions)
+        return mlm_loss(logits, labels.flatten()[positions], teacher_logits, self.alpha(step),
+                        distributed.mean_count((labels >= 0).sum()))
 
     def standard_losses(self, f: "Features", batch: dict, step: int, losses=None) -> dict[str, torch.Tensor]:
         """ITC, ITM and MLM, those of them listed in `losses` (default `method.losses`)."""
@@ -212,6 +220,21 @@ class Method(nn.Module):
     def forward(self, batch: dict, step: int) -> dict[str, torch.Tensor]:
         """Named losses (summed by the trainer when listed in `method.losses`) and metrics (logged only)."""
         raise NotImplementedError
+
+
+def mlm_positions(batch: dict) -> torch.Tensor:
+    """Indices of the masked tokens in the flattened (B*L) text: `mlm_positions` from the data pipeline, found on the
+    host, else from `mlm_labels` here (which waits for the device: the count sets the shape)."""
+    if "mlm_positions" in batch:
+        return batch["mlm_positions"]
+    return (batch["mlm_labels"].flatten() != IGNORE).nonzero().squeeze(1)
+
+
+def _temp_as_vector(module, state_dict, prefix, *args) -> None:
+    """Load checkpoints written when the temperature was a 0-d parameter."""
+    key = prefix + "temp"
+    if key in state_dict and state_dict[key].ndim == 0:
+        state_dict[key] = state_dict[key].reshape(1)
 
 
 @dataclass

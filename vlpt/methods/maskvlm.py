@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlpt.engine import distributed
-from vlpt.methods.base import Features, Method, register
+from vlpt.methods.base import Features, Method, mlm_positions, register
 from vlpt.models.text import FusionEncoder, init_bert_
 from vlpt.objectives.contrastive import itc_loss
 from vlpt.objectives.masked_language import mlm_loss
@@ -128,15 +128,16 @@ class MaskVLM(Method):
         masked_ids, labels = batch.get("mlm_ids"), batch.get("mlm_labels")
         masked_tokens = self.encode_image(batch["image"], patch_mask=patch_mask)[0] if "mim" in losses \
             or mv.masking == "both" else None
+        # `both`: one text-encoder pass over the masked text serves MLM and MIM
+        masked_hidden = self.text(masked_ids, f.text_mask) if mv.masking == "both" else None
         if "mlm" in losses:
             context = masked_tokens if mv.masking == "both" else f.image_tokens
-            logits = self.mlm_logits(context, masked_ids, f.text_mask)
-            out["mlm"] = mlm_loss(logits, labels, normalizer=distributed.mean_count((labels >= 0).sum()))
+            positions = mlm_positions(batch)
+            logits = self.mlm_logits(context, masked_ids, f.text_mask, positions=positions, hidden=masked_hidden)
+            out["mlm"] = mlm_loss(logits, labels.flatten()[positions],
+                                  normalizer=distributed.mean_count((labels >= 0).sum()))
         if "mim" in losses:
-            if mv.masking == "both":
-                text_hidden = self.text(masked_ids, f.text_mask)
-            else:
-                text_hidden = f.text_hidden
+            text_hidden = f.text_hidden if masked_hidden is None else masked_hidden
             pred = self.reconstruct(masked_tokens, text_hidden, f.text_mask)
             target = patchify(batch["image"], self.cfg.model.vision.patch_size)
             out["mim"] = mim_loss(pred, target, patch_mask, distributed.mean_count(patch_mask.sum()))

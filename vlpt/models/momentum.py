@@ -6,6 +6,16 @@ import copy
 import torch
 from torch import nn
 
+try:  # torch >= 2.5
+    from torch.distributed.tensor import DTensor
+except ImportError:  # pragma: no cover
+    DTensor = None
+
+
+def local(p: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of an FSDP (DTensor) parameter; the tensor itself otherwise."""
+    return p.to_local() if DTensor is not None and isinstance(p, DTensor) else p
+
 
 class MomentumTeacher(nn.Module):
     """Frozen copies of named student modules, updated as teacher <- m * teacher + (1 - m) * student.
@@ -28,10 +38,18 @@ class MomentumTeacher(nn.Module):
         student = [p for m in self._students for p in m.parameters()]
         return teacher, student
 
+    def check_layout(self) -> None:
+        """Under FSDP: every teacher parameter is sharded like its student, so the EMA can run shard by shard."""
+        for t, s in zip(*self._pairs()):
+            if getattr(t, "placements", None) != getattr(s, "placements", None) or local(t).shape != local(s).shape:
+                raise RuntimeError("momentum teacher and student are sharded differently")
+
     @torch.no_grad()
     def update(self) -> None:
+        """The EMA step, on this rank's shards when the model is sharded (FSDP): no communication."""
         teacher, student = self._pairs()
         if not teacher:  # a method without a teacher (MaskVLM)
             return
+        teacher = [local(t) for t in teacher]
         torch._foreach_mul_(teacher, self.momentum)
-        torch._foreach_add_(teacher, [s.detach() for s in student], alpha=1.0 - self.momentum)
+        torch._foreach_add_(teacher, [local(s.detach()) for s in student], alpha=1.0 - self.momentum)

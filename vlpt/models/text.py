@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from vlpt.config import TextConfig
 
@@ -95,6 +96,13 @@ class Embeddings(nn.Module):
         return self.drop(self.norm(x))
 
 
+def run_layer(layer: nn.Module, checkpointed: bool, *args, **kwargs) -> torch.Tensor:
+    """layer(*args), through `torch.utils.checkpoint` when `checkpointed` and gradients are being recorded."""
+    if checkpointed and torch.is_grad_enabled():
+        return checkpoint(layer, *args, use_reentrant=False, **kwargs)
+    return layer(*args, **kwargs)
+
+
 class TextEncoder(nn.Module):
     """BERT embeddings + self-attention layers: text ids (B,L) -> hidden states (B,L,W)."""
 
@@ -104,10 +112,16 @@ class TextEncoder(nn.Module):
         self.layers = nn.ModuleList(Layer(cfg) for _ in range(cfg.text_layers if layers is None else layers))
         init_bert_(self)
 
+    grad_checkpointing = False
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each layer's activations in backward instead of keeping them (`train.grad_checkpointing`)."""
+        self.grad_checkpointing = enable
+
     def forward(self, ids, mask, causal: bool = False):
         x = self.embeddings(ids)
         for layer in self.layers:
-            x = layer(x, mask, causal=causal)
+            x = run_layer(layer, self.grad_checkpointing, x, mask, causal=causal)
         return x
 
 
@@ -120,9 +134,12 @@ class FusionEncoder(nn.Module):
                                     for _ in range(cfg.fusion_layers))
         init_bert_(self)
 
+    grad_checkpointing = False
+    set_grad_checkpointing = TextEncoder.set_grad_checkpointing
+
     def forward(self, x, mask, context, context_mask=None, causal: bool = False):
         for layer in self.layers:
-            x = layer(x, mask, context, context_mask, causal=causal)
+            x = run_layer(layer, self.grad_checkpointing, x, mask, context, context_mask, causal=causal)
         return x
 
 

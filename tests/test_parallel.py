@@ -1,0 +1,202 @@
+"""Distributed training (torchrun, gloo): DDP and FSDP equal one process on the same global batch (JSON pairs and
+WebDataset shards), and resume exactly;
+checkpoints resume across modes; gradient checkpointing and compile leave the maths unchanged."""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from vlpt import methods
+from vlpt.engine import checkpoint, parallel
+from vlpt.engine.logging import read_metrics
+from vlpt.engine.trainer import build_optimizer, train
+from helpers import CONFIG, config, overrides
+
+LOSSES = ("itc", "itm", "mlm")
+STEPS = ["train.steps=4", "train.save_every=2", "train.log_every=1", "optim.lr=0.001"]
+
+
+def weights(run: Path, step: int) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "checkpoints" / f"step_{step:06d}" / checkpoint.WEIGHTS))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(root: Path, out: Path, *extra: str, nproc: int = 2) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr",
+           "127.0.0.1", "--master-port", str(free_port()), "-m", "vlpt", "pretrain", "--config", CONFIG,
+           *overrides(root, out, *extra)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+
+
+def roll_back(run: Path, copy: Path, step: int) -> Path:
+    """A copy of `run` as a crash right after checkpoint `step` would leave it: `latest` and the log at `step`."""
+    shutil.copytree(run, copy)
+    (copy / "latest").write_text(f"step_{step:06d}\n")
+    lines = (copy / "metrics.jsonl").read_text().splitlines(keepends=True)
+    (copy / "metrics.jsonl").write_text("".join(lines[:step]))
+    return copy
+
+
+def assert_same_training(a: Path, b: Path, steps, atol: float) -> None:
+    """Equal losses, gradient norms and learning rates at `steps`, and final weights within `atol`."""
+    ra, rb = ({r["step"]: r for r in read_metrics(run)} for run in (a, b))
+    for step in steps:
+        for name in (*LOSSES, "grad_norm", "lr"):
+            assert rb[step][name] == pytest.approx(ra[step][name], rel=1e-4, abs=1e-6), (step, name)
+    wa, wb = weights(a, max(steps)), weights(b, max(steps))
+    assert wa.keys() == wb.keys()
+    assert any(k.startswith("teacher.") for k in wa) and {"queues.image", "queues.text", "queues.ids"} <= set(wa)
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], atol=atol, rtol=0, msg=lambda m: f"{k}: {m}")
+
+
+@pytest.fixture(scope="module")
+def one_process(shapes_data, tmp_path_factory) -> Path:
+    """The reference: one process, global batch 8, 4 steps, checkpoints at 2 and 4."""
+    return train(config(shapes_data, tmp_path_factory.mktemp("one") / "run", *STEPS))
+
+
+@pytest.fixture(scope="module")
+def shard_data(shapes_data, tmp_path_factory) -> str:
+    """`data.train` naming the shapes pretraining pairs written as WebDataset shards of 16 samples."""
+    from vlpt.data.shards import write_shards
+    out = tmp_path_factory.mktemp("shards") / "shards"
+    write_shards(shapes_data / "pretrain.json", shapes_data, out, 16, progress=False)
+    n = len(list(out.glob("*.tar")))
+    return f"data.train={out}/{{000000..{n - 1:06d}}}.tar"
+
+
+@pytest.fixture(scope="module")
+def one_process_shards(shapes_data, shard_data, tmp_path_factory) -> Path:
+    return train(config(shapes_data, tmp_path_factory.mktemp("one_shards") / "run", *STEPS, shard_data))
+
+
+@pytest.mark.parametrize("mode, data", [("ddp", "json"), ("fsdp", "json"), ("fsdp", "shards")])
+def test_two_processes_match_one_and_resume_exactly(mode, data, shapes_data, tmp_path, request):
+    """2 gloo ranks with 4 samples each = 1 process with 8 (losses at every step, weights, teacher and queues); a
+    2-rank run killed after its step-2 checkpoint and resumed ends bitwise equal to the uninterrupted one. From the
+    JSON annotations, and from WebDataset shards."""
+    reference = request.getfixturevalue("one_process" if data == "json" else "one_process_shards")
+    extra = [*STEPS, "data.batch_size=4", f"train.parallel={mode}"]
+    if data == "shards":
+        extra.append(request.getfixturevalue("shard_data"))
+    two = tmp_path / "two"
+    torchrun(shapes_data, two, *extra)
+    assert [r["step"] for r in read_metrics(two)] == [1, 2, 3, 4]
+    assert_same_training(reference, two, [1, 2, 3, 4], atol=1e-5)
+
+    resumed = roll_back(two, tmp_path / "resumed", 2)
+    torchrun(shapes_data, resumed, *extra, "train.resume=latest")
+    assert [r["step"] for r in read_metrics(resumed)] == [1, 2, 3, 4]
+    assert_same_training(two, resumed, [3, 4], atol=0)
+    state = checkpoint.load_state(checkpoint.resolve(resumed))
+    assert state["step"] == 4 and len(state["rng"]) == 2  # one RNG state per rank
+    assert all(isinstance(name, str) for name in state["optimizer"]["state"])  # keyed by parameter name
+
+
+def test_a_checkpoint_resumes_under_another_mode(one_process, shapes_data, tmp_path):
+    """One format for every mode: the single process's step-2 checkpoint resumed by 2 FSDP ranks continues as the
+    single process did."""
+    resumed = roll_back(one_process, tmp_path / "resumed", 2)
+    torchrun(shapes_data, resumed, *STEPS, "data.batch_size=4", "train.parallel=fsdp", "train.resume=latest")
+    assert_same_training(one_process, resumed, [3, 4], atol=1e-5)
+
+
+def tiny_model(*extra: str):
+    cfg = config(Path("."), Path("."), "model.text.dropout=0.1", "model.vision.drop_path=0.1", *extra)
+    torch.manual_seed(0)
+    return methods.build(cfg, 40), cfg
+
+
+def tiny_batch(n: int = 4, length: int = 12) -> dict:
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(5, 40, (n, length), generator=gen)
+    ids[:, 0] = 2
+    labels = torch.where(torch.rand(n, length, generator=gen) < 0.3, ids, torch.full_like(ids, -100))
+    labels[:, 0] = -100
+    labels[0, 1] = ids[0, 1]
+    return {"image": torch.randn(n, 3, 32, 32, generator=gen), "text_ids": ids,
+            "text_mask": torch.ones_like(ids), "image_id": torch.arange(n), "mlm_ids": torch.where(labels >= 0, 4, ids),
+            "mlm_labels": labels}
+
+
+def gradients(model, batch: dict) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    torch.manual_seed(3)
+    out = model(batch, step=5)
+    sum(out.values()).backward()
+    return {k: v.detach() for k, v in out.items()}, {n: p.grad.clone() for n, p in model.named_parameters()
+                                                      if p.grad is not None}
+
+
+def test_grad_checkpointing_gives_the_same_losses_and_gradients():
+    """Recomputation replays dropout and drop-path with the saved RNG state: the same step, less memory."""
+    batch = tiny_batch()
+    plain, _ = tiny_model()
+    recomputed, _ = tiny_model()
+    parallel.set_grad_checkpointing(recomputed)
+    assert recomputed.vision.grad_checkpointing and recomputed.text.grad_checkpointing
+    assert recomputed.fusion.grad_checkpointing and not recomputed.teacher["text"].grad_checkpointing
+    losses_a, grads_a = gradients(plain, batch)
+    losses_b, grads_b = gradients(recomputed, batch)
+    assert losses_a.keys() == losses_b.keys() == set(LOSSES)
+    for k in losses_a:
+        torch.testing.assert_close(losses_b[k], losses_a[k], rtol=0, atol=1e-6)
+    assert grads_a.keys() == grads_b.keys() and len(grads_a) > 20
+    for k in grads_a:
+        torch.testing.assert_close(grads_b[k], grads_a[k], rtol=1e-5, atol=1e-6, msg=lambda m: f"{k}: {m}")
+
+
+def test_mlm_at_the_data_pipelines_positions_equals_finding_them():
+    """`mlm_positions` from the data pipeline (no wait for the device) gives the loss of finding them from labels."""
+    model, _ = tiny_model("model.text.dropout=0.0", "model.vision.drop_path=0.0")
+    batch = tiny_batch()
+    given = {**batch, "mlm_positions": (batch["mlm_labels"].flatten() >= 0).nonzero().squeeze(1)}
+    with torch.no_grad():
+        torch.testing.assert_close(model(given, 5)["mlm"], model(batch, 5)["mlm"], rtol=0, atol=1e-6)
+
+
+def test_optimizer_state_by_name_round_trip_and_old_formats():
+    model, cfg = tiny_model()
+    optimizer, _ = build_optimizer(model, cfg, torch.device("cpu"))
+    gradients(model, tiny_batch())
+    optimizer.step()
+    state = parallel.optimizer_state(model, optimizer)
+    assert set(state["state"]) <= {n for n, _ in model.named_parameters()} and len(state["state"]) > 20
+    for old in (state, optimizer.state_dict()):  # by name, and the index-keyed format of older checkpoints
+        fresh, _ = build_optimizer(model, cfg, torch.device("cpu"))
+        parallel.load_optimizer_state(model, fresh, old)
+        a, b = optimizer.state_dict(), fresh.state_dict()
+        assert a["param_groups"] == b["param_groups"] and a["state"].keys() == b["state"].keys()
+        assert all(torch.equal(a["state"][i]["exp_avg"], b["state"][i]["exp_avg"]) for i in a["state"])
+
+
+def test_checkpoints_with_a_scalar_temperature_still_load():
+    model, _ = tiny_model()
+    state = model.state_dict()
+    state["temp"] = torch.tensor(0.05)  # written before the temperature became 1-D for FSDP
+    model.load_state_dict(state)
+    assert model.temperature().shape == () and model.temperature().item() == pytest.approx(0.05)
+
+
+@pytest.mark.slow
+def test_compiled_blocks_train_as_eager_ones(shapes_data, tmp_path):
+    """train.compile=true (each block compiled, dynamic text lengths and masked-token counts) trains the same steps."""
+    eager = train(config(shapes_data, tmp_path / "eager", "train.steps=3", "train.log_every=1", "optim.lr=0.001"))
+    compiled = train(config(shapes_data, tmp_path / "compiled", "train.steps=3", "train.log_every=1",
+                            "optim.lr=0.001", "train.compile=true"))
+    assert_same_training(eager, compiled, [1, 2, 3], atol=1e-4)
