@@ -3,12 +3,15 @@
 The model, optimiser, autocast and device transfer are the trainer's own (`methods.build`, `build_optimizer`,
 `autocast`) and so is the step (`train_step`, `forward_backward`). Batches are synthetic
 (random images, random token ids with a realistic padding mask, MLM ids/labels from `mask_tokens`, distinct image
-ids), so no data set is needed; `--data DIR` additionally times the real loader (`pair_loader`) on its own.
+ids), so no data set is needed; `--data DIR` additionally times the trainer's loader (`train_loader`: JSON pairs
+or WebDataset shards) on its own.
 
     python benchmarks/train_throughput.py                          # albef_tiny on CPU (+ albef_base on CUDA)
     python benchmarks/train_throughput.py --steps 5 --warmup 2 --batch-size 16
     python benchmarks/train_throughput.py --configs configs/pretrain/albef_base.yaml --device cuda train.precision=bf16
     python benchmarks/train_throughput.py --data data/shapes       # also the loader's own samples/s
+    python benchmarks/train_throughput.py --configs configs/pretrain/albef_base.yaml --device cuda --warmup 6 \
+        --compile false true --grad-checkpointing false true --batch-size 64 256 --parallel none fsdp --profile prof/
 
 See benchmarks/README.md for what each column means.
 """
@@ -22,6 +25,7 @@ import statistics
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -67,6 +71,7 @@ def synthetic_batches(cfg: Config, batch_size: int, vocab_size: int, n: int, pin
                  "skipped": torch.tensor(0)}
         if mlm > 0:
             batch["mlm_ids"], batch["mlm_labels"] = mask_tokens(ids, mlm, SPECIAL["mask"], vocab_size, specials, gen)
+            batch["mlm_positions"] = (batch["mlm_labels"].flatten() >= 0).nonzero().squeeze(1)  # as Collate does
         if pin:
             batch = {k: v.pin_memory() for k, v in batch.items()}
         made.append(batch)
@@ -136,25 +141,24 @@ def step_flops(model, batches, step: int, cfg: Config, device: torch.device) -> 
     from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False)
-    with counter, sdpa_kernel(SDPBackend.MATH):
+    eager = torch.compiler.set_stance("force_eager") if hasattr(torch.compiler, "set_stance") else nullcontext()
+    with counter, sdpa_kernel(SDPBackend.MATH), eager:  # compiled blocks run eagerly here: the same matmuls
         forward_backward(model, batches, step, cfg, device)
     model.zero_grad(set_to_none=True)
     return counter.get_total_flops()
 
 
-def time_loader(cfg: Config, data: Path, batch_size: int, steps: int, warmup: int) -> float:
-    """The real loader alone (pair_loader with the config's workers and augmentation): samples/s over `steps`
-    batches after `warmup` ones (which include the workers' start). The model's timing does not use it."""
-    from vlpt.data.loader import load_pairs, pair_loader
+def time_loader(cfg: Config, steps: int, warmup: int) -> float:
+    """The trainer's own loader alone (`train_loader`: JSON pairs or WebDataset shards, with the config's workers,
+    augmentation and masking): samples/s over `steps` batches after `warmup` ones (which include the workers'
+    start). The model's timing does not use it."""
+    from vlpt.data.loader import captions, train_loader, training_set
     from vlpt.data.tokenizer import tokenizer_for
 
-    records = load_pairs(data / cfg.data.train)
+    data = training_set(cfg)
     with tempfile.TemporaryDirectory() as tmp:  # a vocab is only trained (into tmp) if the data has none
-        tokenizer = tokenizer_for(cfg, (r["caption"] for r in records), tmp)
-    mlm = cfg.method.mlm_probability if "mlm" in cfg.method.losses else 0.0
-    loader = pair_loader(records, data, tokenizer, image_size=cfg.model.vision.image_size, batch_size=batch_size,
-                         max_len=cfg.model.text.max_len, mlm_probability=mlm, seed=cfg.train.seed,
-                         num_workers=cfg.data.num_workers, augment=cfg.data.augment, skip_bad=cfg.data.skip_bad)
+        tokenizer = tokenizer_for(cfg, captions(data), tmp)
+    loader = train_loader(cfg, data, tokenizer)
     it = iter(loader)
     for _ in range(warmup):
         next(it)
@@ -163,7 +167,7 @@ def time_loader(cfg: Config, data: Path, batch_size: int, steps: int, warmup: in
         next(it)
     seconds = time.perf_counter() - start
     del it, loader  # stops persistent workers
-    return batch_size * steps / seconds
+    return cfg.data.batch_size * steps / seconds
 
 
 # ------------------------------------------------------------------------------------------------------- runs
@@ -176,18 +180,35 @@ def default_device(config: str, requested: str) -> str:
     return "cuda"
 
 
-def bench_config(config: str, args) -> dict:
+def setting_rows(args) -> list[dict]:
+    """The grid of settings each config runs under: batch x parallel x gradient checkpointing x compile."""
+    return [{"batch_size": b, "parallel": p, "grad_checkpointing": g, "compile": c}
+            for b in args.batch_size for p in args.parallel for g in args.grad_checkpointing for c in args.compile]
+
+
+def init_single_process_group(device: torch.device) -> None:
+    """A process group of one rank, so that `--parallel ddp|fsdp` wraps the model as under torchrun."""
+    import os
+    from vlpt.engine import distributed
+    if distributed.is_distributed():
+        return
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(29400 + os.getpid() % 1000))
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    distributed.init(device)
+
+
+def bench_config(config: str, args) -> list[dict]:
+    """One row per setting of the grid for this config (a setting that runs out of memory gives a row saying so)."""
     name = Path(config).stem
     overrides = list(args.overrides) + ([f"data.root={args.data}"] if args.data else [])
     cfg = load_config(find_config(config), overrides)
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
     device = pick_device(default_device(config, args.device))
-    batch_size = args.batch_size or cfg.data.batch_size
-    row = {"config": name, "device": str(device), "batch": batch_size * cfg.optim.accumulate,
-           "threads": torch.get_num_threads() if device.type == "cpu" else None}
-
-    loader_rate = time_loader(cfg, Path(args.data), batch_size, args.steps, args.warmup) if args.data else None
+    if device.index is not None:
+        torch.cuda.set_device(device)
     pretrained_vocab = Path(cfg.model.text.pretrained) / "vocab.txt" if cfg.model.text.pretrained else None
     if args.vocab_size:
         vocab = args.vocab_size
@@ -195,17 +216,102 @@ def bench_config(config: str, args) -> dict:
         vocab = sum(1 for _ in pretrained_vocab.open())
     else:
         vocab = DEFAULT_VOCAB.get(name, BERT_VOCAB)
-    row["vocab"] = vocab
+    loader_rate = None
+    if args.data:  # the loader alone, at the config's own batch size
+        loader_rate = time_loader(cfg, args.steps, args.warmup)
+    rows, flops_at = [], {}  # FLOPs per batch size: they depend on neither compile, checkpointing nor parallel
+    for setting in setting_rows(args):
+        batch_size = setting["batch_size"] or cfg.data.batch_size
+        c = load_config(find_config(config), overrides + [f"data.batch_size={batch_size}"] + [
+            f"train.{k}={v}" for k, v in setting.items() if k in ("compile", "grad_checkpointing")] + (
+            [f"train.parallel={setting['parallel']}"] if setting["parallel"] != "none" else []))
+        if setting["parallel"] != "none":
+            init_single_process_group(device)
+        row = {"config": name, "device": str(device), "batch": batch_size * c.optim.accumulate, "vocab": vocab,
+               "threads": torch.get_num_threads() if device.type == "cpu" else None,
+               "precision": "bf16" if isinstance(autocast(device, c.train.precision), torch.autocast) else "fp32",
+               "loader_samples_per_s": loader_rate, **{k: v for k, v in setting.items() if k != "batch_size"}}
+        try:
+            label = "_".join([name, f"b{batch_size}", setting["parallel"], "ckpt" if setting["grad_checkpointing"]
+                              else "nockpt", "compile" if setting["compile"] else "eager"])
+            row.update(bench_setting(c, device, vocab, batch_size, args, flops_at, label))
+        except torch.OutOfMemoryError:
+            row.update(samples_per_s=None, ms_per_step=None, peak_mib=None, memory="out of memory",
+                       gflop_per_sample=None, mfu=None)
+        finally:
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        print(table([row], header=not rows), flush=True)
+        rows.append(row)
+        if args.stop_at_oom and row["memory"] == "out of memory":
+            break
+    return rows
+
+
+def wrap_for_profile(model) -> None:
+    """Name the step's parts in profiles: each call of these methods becomes a record_function range."""
+    from torch.profiler import record_function
+
+    def named(fn, label):
+        def call(*a, **kw):
+            with record_function(label + (" (teacher)" if kw.get("teacher") else "")):
+                return fn(*a, **kw)
+        return call
+
+    for attr in ("features", "itc", "itm", "mlm", "push_queues", "encode_image", "encode_text", "mlm_logits",
+                 "itm_logits"):
+        if hasattr(model, attr):
+            setattr(model, attr, named(getattr(model, attr), attr))
+    model.teacher.update = named(model.teacher.update, "teacher_ema")
+
+
+def profile_steps(step_fn, device: torch.device, path: Path, steps: int = 3) -> dict:
+    """torch.profiler over `steps` steps: a table of operators by device (or CPU) time written to `path`, and the
+    busy share of the step's wall time (kernel time / wall time on CUDA)."""
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sync(device)
+    start = time.perf_counter()
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step_fn()
+        sync(device)
+    wall = (time.perf_counter() - start) / steps
+    averages = prof.key_averages()
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    busy = None
+    if device.type == "cuda":
+        kernels = [e for e in prof.events() if getattr(e, "device_type", None) is not None
+                   and "CUDA" in str(e.device_type) and not e.is_user_annotation]
+        busy = sum(e.device_time if hasattr(e, "device_time") else e.cuda_time for e in kernels) / 1e6 / steps
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = [f"wall {1000 * wall:.1f} ms/step (profiled)" + (f"; kernels {1000 * busy:.1f} ms/step "
+                                                             f"({100 * busy / wall:.0f} % busy)" if busy else "")]
+    text.append(averages.table(sort_by=key, row_limit=45, max_name_column_width=70))
+    ranges = [e for e in averages if e.key.startswith(("features", "itc", "itm", "mlm", "push_queues", "encode_",
+                                                        "teacher_ema"))]
+    text.append("named parts (per step): " + "; ".join(
+        f"{e.key}: cpu {e.cpu_time_total / 1e3 / steps:.1f} ms"
+        + (f", device {getattr(e, 'device_time_total', 0) / 1e3 / steps:.1f} ms" if device.type == "cuda" else "")
+        for e in sorted(ranges, key=lambda e: e.key)))
+    path.write_text("\n".join(text) + "\n")
+    print(text[0] + "\n" + text[-1], flush=True)
+    return {"profile": str(path), "busy_ms": None if busy is None else 1000 * busy}
+
+
+def bench_setting(cfg: Config, device: torch.device, vocab: int, batch_size: int, args, flops_at: dict,
+                  label: str) -> dict:
+    """Time one setting (a fresh model each time: compile and FSDP change it in place); `label` names its profile."""
+    from vlpt.engine import parallel
 
     torch.manual_seed(cfg.train.seed)
     model = methods.build(cfg, vocab).to(device)
     model.train()
+    row = {"params_M": round(sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6, 1)}
+    step_module = parallel.prepare(model, cfg, device)
     optimizer, scheduler = build_optimizer(model, cfg, device)
-    row["precision"] = "bf16" if isinstance(autocast(device, cfg.train.precision), torch.autocast) else "fp32"
-    row["params_M"] = round(sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6, 1)
     batches = synthetic_batches(cfg, batch_size, vocab, n=min(4, args.steps + args.warmup),
                                 pin=device.type == "cuda", seed=cfg.train.seed)
-
     rss = RSSPeak() if device.type == "cpu" else None
     if rss:
         rss.reset()  # baseline: model and optimiser built, no step run (gradients, AdamW state not yet allocated)
@@ -215,28 +321,38 @@ def bench_config(config: str, args) -> dict:
             torch.cuda.reset_peak_memory_stats(device)
         sync(device)
         start = time.perf_counter()
-        train_step(model, model, optimizer, scheduler, batches, step, cfg, device)
+        train_step(step_module, model, optimizer, scheduler, batches, step, cfg, device)
         sync(device)
         if step >= args.warmup:
             times.append(time.perf_counter() - start)
             peaks.append(torch.cuda.max_memory_allocated(device) if device.type == "cuda" else rss.growth())
     seconds = statistics.median(times)
-    row.update(samples_per_s=row["batch"] / seconds, ms_per_step=1000 * seconds, step_ms_all=[1000 * t for t in times],
+    batch = batch_size * cfg.optim.accumulate
+    row.update(samples_per_s=batch / seconds, ms_per_step=1000 * seconds, step_ms_all=[1000 * t for t in times],
                peak_mib=max(peaks) / 2**20,
-               memory="cuda max_memory_allocated" if device.type == "cuda" else f"RSS growth ({rss.how})",
-               loader_samples_per_s=loader_rate)
+               memory="cuda max_memory_allocated" if device.type == "cuda" else f"RSS growth ({rss.how})")
+    step = args.warmup + args.steps
+    if args.profile:
+        wrap_for_profile(model)
+
+        def one_step():
+            nonlocal step
+            train_step(step_module, model, optimizer, scheduler, batches, step, cfg, device)
+            step += 1
+        row.update(profile_steps(one_step, device, Path(args.profile) / f"{label}.txt"))
 
     row["gflop_per_sample"] = row["mfu"] = None
     if not args.no_flops:
-        flops = step_flops(model, batches, args.warmup + args.steps, cfg, device)
-        row["gflop_per_sample"] = flops / row["batch"] / 1e9
+        if batch_size not in flops_at:
+            parallel.set_grad_checkpointing(model, False)  # model FLOPs: recomputation is not counted
+            flops_at[batch_size] = step_flops(step_module, batches, step, cfg, device)
+            parallel.set_grad_checkpointing(model, cfg.train.grad_checkpointing)
+        flops = flops_at[batch_size]
+        row["gflop_per_sample"] = flops / batch / 1e9
         peak = args.peak_tflops if args.peak_tflops is not None else (H100_BF16_TFLOPS if device.type == "cuda" else None)
         if peak:
             row["mfu"] = flops / seconds / (peak * 1e12)
         row["peak_tflops"] = peak
-    del model, optimizer, scheduler
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
     return row
 
 
@@ -244,12 +360,13 @@ def fmt(value, spec: str) -> str:
     return "—" if value is None else format(value, spec)
 
 
-def table(rows: list[dict]) -> str:
-    head = ["config", "device", "precision", "batch", "vocab", "samples/s", "ms/step", "peak MiB", "memory measure",
-            "GFLOP/sample", "MFU", "loader samples/s"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+def table(rows: list[dict], header: bool = True) -> str:
+    head = ["config", "device", "precision", "parallel", "grad ckpt", "compile", "batch", "vocab", "samples/s",
+            "ms/step", "peak MiB", "memory measure", "GFLOP/sample", "MFU", "loader samples/s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"] if header else []
     for r in rows:
         cells = [r["config"], r["device"] + (f" ({r['threads']} threads)" if r["threads"] else ""), r["precision"],
+                 r["parallel"], "yes" if r["grad_checkpointing"] else "no", "yes" if r["compile"] else "no",
                  str(r["batch"]), str(r["vocab"]), fmt(r["samples_per_s"], ".1f"), fmt(r["ms_per_step"], ".1f"),
                  fmt(r["peak_mib"], ".0f"), r["memory"], fmt(r["gflop_per_sample"], ".2f"),
                  "—" if r["mfu"] is None else f"{100 * r['mfu']:.1f} % of {r['peak_tflops']:g} TFLOP/s",
@@ -266,20 +383,51 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", help="auto (tiny on CPU, others on CUDA if present), cpu, cuda, cuda:N")
     p.add_argument("--steps", type=int, default=20, help="timed optimiser steps (default 20)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
-    p.add_argument("--batch-size", type=int, default=0, help="per-step batch for every config (default: data.batch_size)")
+    p.add_argument("--batch-size", nargs="+", default=["0"],
+                   help="samples per micro-batch; several give one row each (default: the config's data.batch_size)")
+    p.add_argument("--parallel", nargs="+", default=["none"], help="none, ddp, fsdp (train.parallel; one process: a "
+                   "process group of one rank, so the wrapping's own cost shows); several give one row each")
+    p.add_argument("--grad-checkpointing", nargs="*", default=None,
+                   help="train.grad_checkpointing: the flag alone means true; `--grad-checkpointing false true` one row each")
+    p.add_argument("--compile", nargs="*", default=None,
+                   help="train.compile (torch.compile of each block): the flag alone means true; `--compile false true` "
+                        "one row each (use --warmup 5 or more: compiling happens in the first steps)")
+    p.add_argument("--stop-at-oom", action="store_true",
+                   help="stop a config's grid at its first out-of-memory row (e.g. over increasing batch sizes)")
+    p.add_argument("--profile", default="",
+                   help="folder: also profile 3 steps per row (torch.profiler), write each row's operator table there "
+                        "and print the kernel-busy share of the step and the time of its named parts")
     p.add_argument("--vocab-size", type=int, default=0,
                    help=f"vocabulary of the synthetic ids and the model (default: model.text.pretrained's vocab if set, "
                         f"else {SHAPES_VOCAB} (shapes) for albef_tiny and {BERT_VOCAB} (BERT) for other configs)")
-    p.add_argument("--data", default="", help="data folder: also time pair_loader alone on its pretraining pairs")
+    p.add_argument("--data", default="", help="data folder (data.root): also time the trainer's loader alone on "
+                   "data.train there (JSON pairs, or shards: data.train='shards/{000000..000009}.tar')")
     p.add_argument("--peak-tflops", type=float, default=None,
                    help=f"device peak for MFU (default {H100_BF16_TFLOPS:g} on CUDA = H100 bf16 dense; none on CPU)")
     p.add_argument("--no-flops", action="store_true", help="skip the FLOP count (one extra untimed step)")
     p.add_argument("--json", default="", help="also write the rows (with every step's time) to this file")
     p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. train.threads=2")
     args = p.parse_args(argv)
-    if args.configs:  # `--configs a.yaml k=v` puts the override into --configs: move it back
-        args.overrides += [c for c in args.configs if "=" in c]
-        args.configs = [c for c in args.configs if "=" not in c]
+    for key in ("configs", "batch_size", "parallel", "grad_checkpointing", "compile"):
+        values = getattr(args, key)  # `--flag a k=v` puts the override into the flag's list: move it back
+        if values:
+            args.overrides += [v for v in values if "=" in v]
+            setattr(args, key, [v for v in values if "=" not in v])
+
+    def as_bool(v: str) -> bool:
+        if v.lower() not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+            p.error(f"expected true/false, got {v!r}")
+        return v.lower() in ("true", "1", "yes", "on")
+
+    args.grad_checkpointing = [False] if args.grad_checkpointing is None else [as_bool(v) for v in
+                                                                               args.grad_checkpointing] or [True]
+    args.compile = [False] if args.compile is None else [as_bool(v) for v in args.compile] or [True]
+    try:
+        args.batch_size = [int(b) for b in args.batch_size] or [0]
+    except ValueError:
+        p.error(f"--batch-size takes integers, got {args.batch_size}")
+    if set(args.parallel) - {"none", "ddp", "fsdp"}:
+        p.error(f"--parallel takes none, ddp, fsdp; got {args.parallel}")
     if not args.configs:
         args.configs = [TINY] + ([BASE] if torch.cuda.is_available() else [])
     if args.steps < 1 or args.warmup < 0:
@@ -289,7 +437,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
-    rows = [bench_config(c, args) for c in args.configs]
+    rows = [row for c in args.configs for row in bench_config(c, args)]
     gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
     print(f"\ntorch {torch.__version__}, {platform.processor() or platform.machine()}{gpu}; "
           f"{args.steps} timed steps after {args.warmup} warm-up; median step time\n")
