@@ -34,10 +34,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(root: Path, out: Path, *extra: str, nproc: int = 2) -> None:
+def torchrun(root: Path, out: Path, *extra: str, nproc: int = 2, preset: str = CONFIG) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "PYTHONWARNINGS": "ignore"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr",
-           "127.0.0.1", "--master-port", str(free_port()), "-m", "vlpt", "pretrain", "--config", CONFIG,
+           "127.0.0.1", "--master-port", str(free_port()), "-m", "vlpt", "pretrain", "--config", preset,
            *overrides(root, out, *extra)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
@@ -52,11 +52,12 @@ def roll_back(run: Path, copy: Path, step: int) -> Path:
     return copy
 
 
-def assert_same_training(a: Path, b: Path, steps, atol: float) -> None:
+def assert_same_training(a: Path, b: Path, steps, atol: float, losses=LOSSES) -> None:
     """Equal losses, gradient norms and learning rates at `steps`, and final weights within `atol`."""
     ra, rb = ({r["step"]: r for r in read_metrics(run)} for run in (a, b))
     for step in steps:
-        for name in (*LOSSES, "grad_norm", "lr"):
+        assert ra[step].keys() == rb[step].keys()
+        for name in (n for n in (*losses, "grad_norm", "lr") if n in ra[step]):  # CB-ViLA adds MIM, MLM mid-run
             assert rb[step][name] == pytest.approx(ra[step][name], rel=1e-4, abs=1e-6), (step, name)
     wa, wb = weights(a, max(steps)), weights(b, max(steps))
     assert wa.keys() == wb.keys()
@@ -107,6 +108,21 @@ def test_two_processes_match_one_and_resume_exactly(mode, data, shapes_data, tmp
     state = checkpoint.load_state(checkpoint.resolve(resumed))
     assert state["step"] == 4 and len(state["rng"]) == 2  # one RNG state per rank
     assert all(isinstance(name, str) for name in state["optimizer"]["state"])  # keyed by parameter name
+
+
+def test_cbvila_under_fsdp_matches_one_process_codebook_restarts_included(shapes_data, tmp_path):
+    """CB-ViLA's codebook bookkeeping under 2-rank FSDP: usage counted over the global batch, restart candidates drawn
+    from global positions and written into each rank's shard of the codewords, as one process does. The
+    straight-through estimator: gumbel noise is drawn per rank."""
+    preset = "pretrain/cbvila_tiny.yaml"
+    extra = [*STEPS, "method.cbvila.estimator=straight_through", "method.cbvila.warmup_steps=2",
+             "method.cbvila.dead_after=1", "method.codebook.size=33"]  # 33: uneven shards
+    reference = train(config(shapes_data, tmp_path / "one", *extra, preset=preset))
+    two = tmp_path / "two"
+    torchrun(shapes_data, two, *extra, "data.batch_size=4", "train.parallel=fsdp", preset=preset)
+    losses = (*LOSSES, "pixel", "codebook", "mim", "codebook_usage")
+    assert_same_training(reference, two, [1, 2, 3, 4], atol=1e-5, losses=losses)
+    assert not torch.equal(weights(two, 4)["quantizer.codewords"], weights(two, 2)["quantizer.codewords"])
 
 
 def test_a_checkpoint_resumes_under_another_mode(one_process, shapes_data, tmp_path):

@@ -7,6 +7,11 @@ import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
 
+try:  # torch >= 2.5
+    from torch.distributed.tensor import DTensor
+except ImportError:  # pragma: no cover
+    DTensor = None
+
 
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
@@ -83,3 +88,17 @@ def all_mean(x: torch.Tensor) -> torch.Tensor:
     x = x.detach().clone()
     dist.all_reduce(x)
     return x / world_size()
+
+
+def local(p: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of an FSDP (DTensor) parameter; the tensor itself otherwise."""
+    return p.to_local() if DTensor is not None and isinstance(p, DTensor) else p
+
+
+def local_row_slice(p: torch.Tensor) -> slice:
+    """The rows of the full parameter that `local(p)` holds: FSDP2 shards dim 0 in `torch.chunk` pieces."""
+    if DTensor is None or not isinstance(p, DTensor):
+        return slice(None)
+    chunk = -(-p.shape[0] // p.device_mesh.size())
+    start = p.device_mesh.get_local_rank() * chunk
+    return slice(start, start + p.to_local().shape[0])

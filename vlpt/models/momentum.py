@@ -6,15 +6,7 @@ import copy
 import torch
 from torch import nn
 
-try:  # torch >= 2.5
-    from torch.distributed.tensor import DTensor
-except ImportError:  # pragma: no cover
-    DTensor = None
-
-
-def local(p: torch.Tensor) -> torch.Tensor:
-    """This rank's shard of an FSDP (DTensor) parameter; the tensor itself otherwise."""
-    return p.to_local() if DTensor is not None and isinstance(p, DTensor) else p
+from vlpt.engine.distributed import local
 
 
 class MomentumTeacher(nn.Module):

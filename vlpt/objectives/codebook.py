@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vlpt.engine.distributed import local, local_row_slice
+
 
 @torch.no_grad()
 def ipot(cost: torch.Tensor, epsilon: float = 0.05, outer: int = 10, inner: int = 1) -> torch.Tensor:
@@ -150,6 +152,7 @@ class VectorQuantizer(nn.Module):
         unused for `dead_after` steps by the matching row of `candidates` (K, d). Returns how many were replaced."""
         self.last_used.copy_(torch.where(counts > 0, step, self.last_used))
         dead = step - self.last_used >= dead_after
-        self.codewords.copy_(torch.where(dead[:, None], candidates.to(self.codewords.dtype), self.codewords))
+        weights, rows = local(self.codewords), local_row_slice(self.codewords)  # this rank's rows under FSDP
+        weights.copy_(torch.where(dead[rows, None], candidates[rows].to(weights.dtype), weights))
         self.last_used.copy_(torch.where(dead, step, self.last_used))
         return dead.sum()
