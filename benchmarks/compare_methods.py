@@ -60,6 +60,7 @@ ROWS = {
     "cbvila:mlm+itm+pixel": (CBVILA, ["method.losses=[itc,itm,mlm,pixel,codebook]"]),
     "cbvila:straight_through": (CBVILA, ["method.cbvila.estimator=straight_through"]),
     "cbvila:no_restarts": (CBVILA, ["method.cbvila.dead_after=0"]),
+    "cbvila:warmup150": (CBVILA, ["method.cbvila.warmup_steps=150"]),
 }
 
 

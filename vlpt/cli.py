@@ -153,6 +153,16 @@ def cmd_keys(args) -> None:
         print(f"{key:32s} {str(default):24s} {help}")
 
 
+def picture_parser(vis, name: str, method: str, out: str, help: str) -> argparse.ArgumentParser:
+    """A `vlpt visualize` sub-command: a checkpoint of `method` in, a PNG out."""
+    s = vis.add_parser(name, help=help)
+    s.add_argument("--checkpoint", required=True, help=f"checkpoint folder or run folder of a {method} run")
+    s.add_argument("--out", default=out, help="PNG file to write")
+    s.add_argument("--data", default="", help="data folder (default: the checkpoint's data.root)")
+    s.add_argument("--device", default="auto")
+    return s
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vlpt", description="vision-language pretraining (ALBEF family)")
     sub = p.add_subparsers(dest="command", required=True)
@@ -208,27 +218,21 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_demo)
 
     vis = sub.add_parser("visualize", help="pictures of a checkpoint").add_subparsers(dest="what", required=True)
-    s = vis.add_parser("reconstruction", help="MaskVLM masked image reconstruction: original | masked | reconstructed")
-    s.add_argument("--checkpoint", required=True, help="checkpoint folder or run folder of a maskvlm run")
-    s.add_argument("--out", default="recon.png", help="PNG file to write")
-    s.add_argument("--data", default="", help="data folder (default: the checkpoint's data.root)")
+    s = picture_parser(vis, "reconstruction", "maskvlm", "recon.png",
+                       "MaskVLM masked image reconstruction: original | masked | reconstructed")
     s.add_argument("--annotation", default="", help="pretraining annotation file in it (default: data.train)")
     s.add_argument("--n", type=int, default=8, help="image-text pairs (rows)")
     s.add_argument("--seed", type=int, default=0, help="seed of the image mask")
     s.add_argument("--l1", default="", help="also report the masked-pixel L1 over this annotation file (e.g. "
                    "retrieval_test.json) against predicting each image's mean visible colour")
-    s.add_argument("--device", default="auto")
     s.set_defaults(func=cmd_visualize_reconstruction)
 
-    s = vis.add_parser("codebook", help="CB-ViLA visual codebook: image patches assigned to sampled codewords (Fig. 3)")
-    s.add_argument("--checkpoint", required=True, help="checkpoint folder or run folder of a cbvila run")
-    s.add_argument("--out", default="codebook.png", help="PNG file to write")
-    s.add_argument("--data", default="", help="data folder (default: the checkpoint's data.root)")
+    s = picture_parser(vis, "codebook", "cbvila", "codebook.png",
+                       "CB-ViLA visual codebook: image patches assigned to sampled codewords (Fig. 3)")
     s.add_argument("--split", default="test", help="reads the images of retrieval_<split>.json")
     s.add_argument("--codewords", type=int, default=8, help="codewords drawn at random among those in use (rows)")
     s.add_argument("--patches", type=int, default=10, help="patches drawn per codeword (columns)")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--device", default="auto")
     s.set_defaults(func=cmd_visualize_codebook)
 
     s = sub.add_parser("config", help="list every config key with its default and help")
