@@ -122,7 +122,7 @@ class Method(nn.Module):
         hidden = self._part("text", teacher)(ids, mask) if hidden is None else hidden
         fused = self.fuse(image_tokens, hidden, mask, teacher)
         if positions is not None:
-            fused = fused.flatten(0, 1)[positions]
+            fused = fused.flatten(0, 1).index_select(0, positions)  # backward: index_add, ordered on CPU
         words = self._part("text", teacher).embeddings.word.weight
         return self._part("mlm_head", teacher)(fused, words)
 
@@ -164,8 +164,9 @@ class Method(nn.Module):
         all_tokens = distributed.gather(f.image_tokens, grad=True)
         all_hidden = distributed.gather(f.text_hidden, grad=True)
         all_mask = distributed.gather(f.text_mask)
-        images = torch.cat([f.image_tokens, all_tokens[neg_image], f.image_tokens])
-        texts = torch.cat([f.text_hidden, f.text_hidden, all_hidden[neg_text]])
+        # index_select: its backward adds in a fixed order on the CPU; indexing's accumulates with atomics
+        images = torch.cat([f.image_tokens, all_tokens.index_select(0, neg_image), f.image_tokens])
+        texts = torch.cat([f.text_hidden, f.text_hidden, all_hidden.index_select(0, neg_text)])
         masks = torch.cat([f.text_mask, f.text_mask, all_mask[neg_text]])
         labels = (torch.arange(3 * n_local, device=images.device) < n_local).long()  # made on the device: no copy
         return itm_loss(self.itm_logits(images, texts, masks), labels)

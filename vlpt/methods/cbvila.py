@@ -91,15 +91,18 @@ class CBViLA(Method):
     @torch.no_grad()
     def track_codebook(self, v: torch.Tensor, q: Quantized, step: int) -> dict[str, torch.Tensor]:
         """Usage and perplexity over the global batch; keeps this step's counts and K candidate encoder outputs
-        (global token positions from a (seed, step) generator, each rank filling its own) for `after_step`."""
+        (distinct global token positions from a (seed, step) generator, each rank filling its own) for
+        `after_step`."""
         size = len(self.quantizer.codewords)
         counts = distributed.all_sum(assignment_counts(q.indices, size))
         if self.cfg.method.cbvila.dead_after > 0:
             flat = v.detach().flatten(0, 1)
             n = len(flat)
             gen = torch.Generator(flat.device).manual_seed(self.cfg.train.seed * 7_368_787 + step)
-            pick = torch.randint(n * distributed.world_size(), (size,), generator=gen, device=flat.device) - \
-                distributed.rank() * n
+            total = n * distributed.world_size()  # distinct tokens where there are enough: no twin codewords
+            pick = torch.randperm(total, generator=gen, device=flat.device)[:size] if total >= size else \
+                torch.randint(total, (size,), generator=gen, device=flat.device)
+            pick = pick - distributed.rank() * n
             inside = (pick >= 0) & (pick < n)
             candidates = torch.where(inside[:, None], flat[pick.clamp(0, n - 1)].float(), 0.0)
             self._restart = counts, distributed.all_sum(candidates)

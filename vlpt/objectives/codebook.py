@@ -128,10 +128,12 @@ class VectorQuantizer(nn.Module):
         flat = v.reshape(-1, v.shape[-1])
         dist = self.distances(flat)
         indices = dist.argmin(-1)
-        nearest = self.codewords[indices].to(v.dtype)
+        # A one-hot product rather than codewords[indices]: the backward of indexing accumulates with atomic adds
+        # (CPU and CUDA), whose order varies from run to run, and the argmin turns such last bits into other codewords.
+        hard = F.one_hot(indices, len(self.codewords)).float()
+        nearest = (hard @ self.codewords.float()).to(v.dtype)
         if self.estimator == "gumbel":
             gumbel = -torch.empty_like(dist).exponential_().log()
-            hard = F.one_hot(indices, len(self.codewords)).float()
 
             def lookup(dist: torch.Tensor, codewords: torch.Tensor) -> torch.Tensor:
                 soft = F.softmax((gumbel - dist) / self.temperature, dim=-1)
