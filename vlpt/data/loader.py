@@ -7,7 +7,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from vlpt.data.annotations import ImageError, load_annotations, load_image
-from vlpt.data.masking import IGNORE, mask_tokens
+from vlpt.data.masking import IGNORE, mask_tokens, masked_positions
 from vlpt.data.tokenizer import Tokenizer
 from vlpt.data.transforms import image_transform
 
@@ -72,7 +72,7 @@ class Collate:
                 batch["mlm_ids"][row, :n], batch["mlm_labels"][row, :n] = mask_tokens(
                     ids[row, :n], self.mlm_probability, t.mask_id, t.vocab_size, t.special_ids, gen, self.mask_only)
             # the masked tokens' indices in the flattened text, found here so the step need not wait for the device
-            batch["mlm_positions"] = (batch["mlm_labels"].flatten() != IGNORE).nonzero().squeeze(1)
+            batch["mlm_positions"] = masked_positions(batch["mlm_labels"])
         return batch
 
 

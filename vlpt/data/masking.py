@@ -25,6 +25,11 @@ def mask_tokens(ids: torch.Tensor, probability: float, mask_id: int, vocab_size:
     return masked, labels
 
 
+def masked_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Indices (M,) of the masked tokens (labels != IGNORE) in the flattened (B*L) text."""
+    return (labels.flatten() != IGNORE).nonzero().squeeze(1)
+
+
 def mask_image_regions(batch: int, grid: tuple[int, int], region: int, ratio: float,
                        generator: torch.Generator | None = None, device=None) -> torch.Tensor:
     """MaskVLM / SimMIM image masking: the patch grid (gh, gw) is tiled by square regions of `region` x `region`

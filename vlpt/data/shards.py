@@ -65,7 +65,7 @@ from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_itera
 from vlpt.config import ConfigError
 from vlpt.data.annotations import AnnotationError, ImageError, load_annotations, load_image
 from vlpt.data.loader import Collate
-from vlpt.data.masking import IGNORE
+from vlpt.data.masking import IGNORE, masked_positions
 from vlpt.data.tokenizer import Tokenizer
 from vlpt.data.transforms import image_transform
 
@@ -474,7 +474,7 @@ def merge(pieces: list[dict], pad_id: int, pin: bool = False) -> dict:
         else:
             raise ValueError(f"shards.merge does not know how to join the batch key {key!r}")
     if "mlm_positions" in pieces[0]:
-        batch["mlm_positions"] = (batch["mlm_labels"].flatten() != IGNORE).nonzero().squeeze(1)
+        batch["mlm_positions"] = masked_positions(batch["mlm_labels"])
     return batch
 
 

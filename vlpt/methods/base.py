@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlpt.config import Config, ConfigError
-from vlpt.data.masking import IGNORE, mask_image_regions
+from vlpt.data.masking import mask_image_regions, masked_positions
 from vlpt.engine import distributed
 from vlpt.models.momentum import MomentumTeacher
 from vlpt.models.text import FusionEncoder, MLMHead, TextEncoder, init_bert_, load_bert_weights
@@ -228,7 +228,7 @@ def mlm_positions(batch: dict) -> torch.Tensor:
     host, else from `mlm_labels` here (which waits for the device: the count sets the shape)."""
     if "mlm_positions" in batch:
         return batch["mlm_positions"]
-    return (batch["mlm_labels"].flatten() != IGNORE).nonzero().squeeze(1)
+    return masked_positions(batch["mlm_labels"])
 
 
 def _temp_as_vector(module, state_dict, prefix, *args) -> None:
