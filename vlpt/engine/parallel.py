@@ -24,9 +24,8 @@ from vlpt.engine import distributed
 
 try:  # torch >= 2.6
     from torch.distributed.fsdp import FSDPModule, fully_shard
-    from torch.distributed.tensor import DTensor
 except ImportError:  # pragma: no cover - older torch: DDP only
-    FSDPModule = fully_shard = DTensor = None
+    FSDPModule = fully_shard = None
 
 
 def blocks(model: nn.Module) -> list[nn.Module]:
@@ -107,7 +106,7 @@ def grad_sync(module: nn.Module, enabled: bool):
 def clip_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:
     """Clip the global gradient norm; returns the norm before clipping as a plain tensor (FSDP: over all shards)."""
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-    return norm.full_tensor() if DTensor is not None and isinstance(norm, DTensor) else norm
+    return norm.full_tensor() if distributed.DTensor is not None and isinstance(norm, distributed.DTensor) else norm
 
 
 # --- state in one format for every mode -----------------------------------------------------------------------------
