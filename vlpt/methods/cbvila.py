@@ -54,10 +54,11 @@ class CBViLA(Method):
             init_bert_(head)
         self._restart: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def quantize(self, image_tokens: torch.Tensor) -> tuple[torch.Tensor, Quantized]:
-        """ViT tokens (B,1+N,Wv) -> encoder outputs v (B,N,Wt) and their quantisation (Eq. 1)."""
+    def quantize(self, image_tokens: torch.Tensor, frozen: bool = False) -> tuple[torch.Tensor, Quantized]:
+        """ViT tokens (B,1+N,Wv) -> encoder outputs v (B,N,Wt) and their quantisation (Eq. 1); `frozen`: with the
+        tokens MIM reads (sg[C])."""
         v = self.to_code(image_tokens[:, 1:])
-        return v, self.quantizer(v)
+        return v, self.quantizer(v, frozen)
 
     def decode(self, queries: torch.Tensor, text_hidden: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
         """The reversed fusion: image tokens (B,N,Wt), plus positions, attend to each other and to the text with the
@@ -72,7 +73,7 @@ class CBViLA(Method):
         f = self.features(batch)
         out = self.standard_losses(f, batch, step, losses)
         if {"pixel", "codebook", "mim"} & set(losses):
-            v, q = self.quantize(f.image_tokens)
+            v, q = self.quantize(f.image_tokens, frozen="mim" in losses)
             if "codebook" in losses:
                 out["codebook"] = q.codebook + cb.beta * q.commitment
             if "pixel" in losses:

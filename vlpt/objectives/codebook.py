@@ -93,7 +93,7 @@ def codebook_health(hits: torch.Tensor, mass: torch.Tensor) -> dict[str, torch.T
 class Quantized:
     """A quantiser's output for encoder outputs v (..., d)."""
     tokens: torch.Tensor         # z_q(v) (..., d): the nearest codewords, with the estimator's gradient
-    frozen_tokens: torch.Tensor  # the same values, with no gradient to the codebook (sg[C]); the encoder keeps its
+    frozen_tokens: torch.Tensor | None  # the same values with no gradient to the codebook (sg[C]); None if not asked
     indices: torch.Tensor        # (...,) long: the nearest codeword's index, Eq. 1
     codebook: torch.Tensor       # ||sg[v] - c||^2, mean over elements: moves the codewords only (Eq. 3, 2nd term)
     commitment: torch.Tensor     # ||v - sg[c]||^2: moves the encoder only (Eq. 3, 3rd term, without beta)
@@ -123,7 +123,8 @@ class VectorQuantizer(nn.Module):
         v, c = v.float(), (self.codewords if codewords is None else codewords).float()
         return ((v * v).sum(-1, keepdim=True) - 2 * v @ c.t() + (c * c).sum(-1)) / v.shape[-1]
 
-    def forward(self, v: torch.Tensor) -> Quantized:
+    def forward(self, v: torch.Tensor, frozen: bool = True) -> Quantized:
+        """Quantise v (..., d); `frozen`: also the tokens with sg[C] (a second distance product under gumbel)."""
         shape = v.shape[:-1]
         flat = v.reshape(-1, v.shape[-1])
         dist = self.distances(flat)
@@ -140,13 +141,14 @@ class VectorQuantizer(nn.Module):
                 return ((hard + soft - soft.detach()) @ codewords.float()).to(v.dtype)
 
             tokens = lookup(dist, self.codewords)
-            frozen_codewords = self.codewords.detach()
-            frozen = lookup(self.distances(flat, frozen_codewords), frozen_codewords)
+            detached = self.codewords.detach()
+            frozen_tokens = lookup(self.distances(flat, detached), detached) if frozen else None
         else:
-            tokens = frozen = flat + (nearest - flat).detach()
+            tokens = frozen_tokens = flat + (nearest - flat).detach()
         codebook = F.mse_loss(nearest.float(), flat.detach().float())
         commitment = F.mse_loss(flat.float(), nearest.detach().float())
-        return Quantized(tokens.view(*shape, -1), frozen.view(*shape, -1), indices.view(shape), codebook, commitment)
+        frozen_tokens = None if frozen_tokens is None else frozen_tokens.view(*shape, -1)
+        return Quantized(tokens.view(*shape, -1), frozen_tokens, indices.view(shape), codebook, commitment)
 
     @torch.no_grad()
     def restart_dead(self, counts: torch.Tensor, candidates: torch.Tensor, step: int, dead_after: int) -> torch.Tensor:
