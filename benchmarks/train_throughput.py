@@ -133,6 +133,11 @@ class RSSPeak:
         return self._peak() - self.base
 
 
+def flop_batch(batch_size: int, most: int) -> int:
+    """The batch the FLOPs are counted on: the largest divisor of `batch_size` not above `most`."""
+    return max(b for b in range(1, min(batch_size, most) + 1) if batch_size % b == 0)
+
+
 def step_flops(model, batches, step: int, cfg: Config, device: torch.device) -> int:
     """FLOPs of one step's forward + backward (student and teacher passes; matmuls, convolutions and attention,
     which FlopCounterMode counts; elementwise ops and the optimiser are not). Attention runs through the math
@@ -352,8 +357,13 @@ def bench_setting(cfg: Config, device: torch.device, vocab: int, batch_size: int
     row["gflop_per_sample"] = row["mfu"] = None
     if not args.no_flops:
         if batch_size not in flops_at:
+            # Counted eagerly through math attention, which holds every attention matrix: on a sub-batch, scaled up,
+            # so that a batch that trains compiled does not run out of memory here. Every term but the in-batch
+            # similarities (ITC, ITM sampling; < 1e-5 of the step at batch 256) is linear in the batch.
+            sub = flop_batch(batch_size, args.flop_batch)
+            counted = synthetic_batches(cfg, sub, vocab, n=1, pin=False, seed=cfg.train.seed)
             parallel.set_grad_checkpointing(model, False)  # model FLOPs: recomputation is not counted
-            flops_at[batch_size] = step_flops(step_module, batches, step, cfg, device)
+            flops_at[batch_size] = step_flops(step_module, counted, step, cfg, device) * batch_size // sub
             parallel.set_grad_checkpointing(model, cfg.train.grad_checkpointing)
         flops = flops_at[batch_size]
         row["gflop_per_sample"] = flops / batch / 1e9
@@ -413,6 +423,8 @@ def parse_args(argv=None):
     p.add_argument("--peak-tflops", type=float, default=None,
                    help=f"device peak for MFU (default {H100_BF16_TFLOPS:g} on CUDA = H100 bf16 dense; none on CPU)")
     p.add_argument("--no-flops", action="store_true", help="skip the FLOP count (one extra untimed step)")
+    p.add_argument("--flop-batch", type=int, default=64,
+                   help="count FLOPs on the largest divisor of the batch up to this, scaled to the batch (default 64)")
     p.add_argument("--json", default="", help="also write the rows (with every step's time) to this file")
     p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. train.threads=2")
     args = p.parse_args(argv)
