@@ -13,7 +13,7 @@ from vlpt.config import TextConfig, VisionConfig, load_config
 from vlpt.data.masking import IGNORE, mask_tokens
 from vlpt.models.momentum import MomentumTeacher
 from vlpt.models.text import Attention, FusionEncoder, TextEncoder, load_bert_weights
-from vlpt.models.vision import build_vit, load_vit_weights
+from vlpt.models.vision import PatchProjection, build_vit, load_vit_weights
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
@@ -250,6 +250,24 @@ def test_vit_returns_cls_and_patch_tokens():
     out = vit.forward_features(torch.randn(2, 3, 32, 32))
     assert out.shape == (2, 1 + 16, 32)
     assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("size", [(32, 32), (36, 27)])  # 36 x 27: a remainder the convolution drops
+def test_patch_projection_is_the_patch_convolution(size):
+    torch.manual_seed(5)
+    conv = nn.Conv2d(3, 6, 8, 8)
+    proj = PatchProjection.like(conv)
+    assert proj.state_dict().keys() == conv.state_dict().keys()
+    x = torch.randn(2, 3, *size)
+    y_conv, y_proj = conv(x), proj(x)
+    assert y_proj.shape == y_conv.shape == (2, 6, size[0] // 8, size[1] // 8)
+    torch.testing.assert_close(y_proj, y_conv)
+    g = torch.randn_like(y_conv)
+    torch.testing.assert_close(torch.autograd.grad(y_proj, proj.weight, g)[0],
+                               torch.autograd.grad(y_conv, conv.weight, g)[0])
+    assert isinstance(build_vit(vit_cfg(32)).patch_embed.proj, PatchProjection)
+    with pytest.raises(ValueError, match="not a patch embedding"):
+        PatchProjection.like(nn.Conv2d(3, 6, 8, 4))
 
 
 @pytest.mark.parametrize("source_classes", [0, 10])
