@@ -32,9 +32,10 @@ class PatchProjection(nn.Conv2d):
     def like(cls, conv: nn.Conv2d) -> "PatchProjection":
         if conv.kernel_size != conv.stride or conv.padding != (0, 0) or conv.groups != 1 or conv.dilation != (1, 1):
             raise ValueError(f"not a patch embedding: {conv}")
-        proj = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, bias=conv.bias is not None)
-        proj.load_state_dict(conv.state_dict())
-        return proj.to(conv.weight.device, conv.weight.dtype)
+        proj = nn.utils.skip_init(cls, conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
+                                  bias=conv.bias is not None, device=conv.weight.device, dtype=conv.weight.dtype)
+        proj.load_state_dict(conv.state_dict())  # skip_init: no initialisation drawn, the seed's stream unchanged
+        return proj
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B,C,H,W) -> (B,D,H/p,W/q), as the convolution (a remainder of rows or columns is dropped, as there)."""
