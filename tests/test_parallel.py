@@ -159,6 +159,39 @@ def gradients(model, batch: dict) -> tuple[dict[str, torch.Tensor], dict[str, to
                                                       if p.grad is not None}
 
 
+def draws_as_rank(monkeypatch, rank: int, world: int, setup) -> torch.Tensor:
+    from vlpt.engine import distributed
+    monkeypatch.setattr(distributed, "rank", lambda: rank)
+    monkeypatch.setattr(distributed, "world_size", lambda: world)
+    setup()
+    return torch.rand(6)
+
+
+def test_each_rank_draws_its_own_dropout_and_rank_0_keeps_one_process_stream(monkeypatch):
+    from vlpt.engine import distributed
+
+    def seeded():
+        torch.manual_seed(3)
+        distributed.seed_rank(3)
+    draws = [draws_as_rank(monkeypatch, r, 3, seeded) for r in range(3)]
+    torch.manual_seed(3)
+    assert torch.equal(draws[0], torch.rand(6))
+    assert not torch.equal(draws[1], draws[0]) and not torch.equal(draws[2], draws[1])
+    assert torch.equal(draws_as_rank(monkeypatch, 1, 3, seeded), draws[1])  # reproducible
+
+    # resuming: each rank its saved state; under another number of ranks, rank 0's split into distinct streams
+    saved = []
+    for r in range(2):
+        torch.manual_seed(10 + r)
+        saved.append(checkpoint.rng_state())
+    same = [draws_as_rank(monkeypatch, r, 2, lambda: checkpoint.set_rng_state(saved)) for r in range(2)]
+    for r in range(2):
+        torch.manual_seed(10 + r)
+        assert torch.equal(same[r], torch.rand(6))
+    split = [draws_as_rank(monkeypatch, r, 3, lambda: checkpoint.set_rng_state(saved)) for r in range(3)]
+    assert len({tuple(d.tolist()) for d in split}) == 3
+
+
 def test_grad_checkpointing_gives_the_same_losses_and_gradients():
     """Recomputation replays dropout and drop-path with the saved RNG state: the same step, less memory."""
     batch = tiny_batch()

@@ -32,15 +32,19 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict | list[dict]) -> None:
-    """Restore `rng_state()`; given one per rank (as the trainer saves them), this rank's, or rank 0's when the
-    number of ranks changed."""
+    """Restore `rng_state()`; given one per rank (as the trainer saves them), this rank's; when the number of ranks
+    changed, rank 0's, from which every other rank then derives a stream of its own (`distributed.seed_rank`)."""
+    split = False
     if isinstance(state, list):
-        state = state[distributed.rank()] if len(state) == distributed.world_size() else state[0]
+        split = len(state) != distributed.world_size()
+        state = state[0] if split else state[distributed.rank()]
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+    if split:
+        distributed.seed_rank(int(torch.randint(2**31, ())))
 
 
 def _replace_text(path: Path, text: str) -> None:

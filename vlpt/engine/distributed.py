@@ -29,6 +29,14 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def seed_rank(seed: int) -> None:
+    """Give each rank its own random stream, once the model is built (alike on every rank): dropout, drop-path and
+    the loader workers' augmentation then draw independently on each rank's slice of the batch instead of repeating
+    rank 0's draws. Rank 0, and a single process, keep their stream."""
+    if rank() > 0:
+        torch.manual_seed(seed * 1_000_003 + rank())
+
+
 def init(device: torch.device) -> None:
     """Join the process group that torchrun describes (gloo on CPU, NCCL on GPU); nothing without torchrun."""
     if "RANK" not in os.environ or is_distributed():

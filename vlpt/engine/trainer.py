@@ -112,6 +112,7 @@ def train(cfg: Config) -> Path:
 
     torch.manual_seed(cfg.train.seed)
     model = methods.build(cfg, tokenizer.vocab_size).to(device)
+    distributed.seed_rank(cfg.train.seed)  # the same weights on every rank, then each rank its own draws
     step, skipped, state = 0, 0, None
     if path:
         checkpoint.load_weights(path, model)  # full weights, before FSDP shards them
