@@ -6,8 +6,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed
-from torch import nn
 from timm.models.vision_transformer import VisionTransformer
+from torch import nn
 
 from vlpt.config import VisionConfig
 
