@@ -12,7 +12,7 @@ from vlpt.cli import main
 from vlpt.config import load_config
 from vlpt.data.masking import mask_tokens
 from vlpt.engine.logging import read_metrics
-from vlpt.engine.trainer import train
+from vlpt.pretrain import pretrain as train
 from vlpt.objectives.codebook import VectorQuantizer
 from vlpt.objectives.masked_image import codeword_mim_loss, pixel_mse
 
@@ -122,19 +122,19 @@ def test_pixel_loss_is_the_mean_squared_error():
 # --- the method ----------------------------------------------------------------------------------------------------
 def test_reversed_fusion_is_the_fusion_encoder_itself():
     model, cfg = _model()
-    albef = methods.build(load_config(f"configs/{PRESET}", [*TINY, "method.name=albef", "method.losses=[itc,itm,mlm]"]),
+    albef = methods.build(load_config("configs/pretrain/albef_tiny.yaml", [*TINY, "method.losses=[itc,itm,mlm]"]),
                           VOCAB)
     extra = {n for n, _ in model.named_parameters()} - {n for n, _ in albef.named_parameters()}
     assert {n.split(".")[0] for n in extra} == {"quantizer", "code_position", "mask_token", "to_pixels", "mim_head"}
     out = model(_batch(), 0)
     out["pixel"].backward()
-    cross = model.fusion.layers[0].cross
+    cross = model.backbone.fusion.layers[0].cross
     assert cross.query.weight.grad.abs().sum() > 0 and cross.key.weight.grad.abs().sum() > 0  # image queries, text keys
     tokens = torch.randn(2, 16, cfg.model.text.width)
     text, mask = torch.randn(2, 5, cfg.model.text.width), torch.ones(2, 5, dtype=torch.long)
     before = model.decode(tokens, text, mask)
     with torch.no_grad():
-        model.fusion.layers[0].cross.value.weight.mul_(2)                      # the weights ITM and MLM use
+        model.backbone.fusion.layers[0].cross.value.weight.mul_(2)                      # the weights ITM and MLM use
     assert not torch.allclose(model.decode(tokens, text, mask), before)
 
 
@@ -143,7 +143,7 @@ def test_mim_trains_the_encoders_but_not_the_codebook():
     out = model(_batch(), 0)
     out["mim"].backward()
     assert model.quantizer.codewords.grad is None or model.quantizer.codewords.grad.abs().sum() == 0
-    assert model.vision.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+    assert model.backbone.vision.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
     assert model.mim_head.weight.grad.abs().sum() > 0
     model.zero_grad()
     model(_batch(), 0)["pixel"].backward()                                     # the pixel loss does move codewords
@@ -199,5 +199,5 @@ def test_cbvila_trains_logs_codebook_health_and_draws_its_codebook(shapes_data, 
 def test_visualize_codebook_rejects_a_method_without_one(shapes_data, tmp_path):
     out = tmp_path / "run"
     train(config(shapes_data, out, "train.steps=1"))
-    with pytest.raises(SystemExit, match="no visual codebook"):
+    with pytest.raises(SystemExit, match="has no codebook"):
         main(["visualize", "codebook", "--checkpoint", str(out), "--out", str(tmp_path / "cb.png"), "--device", "cpu"])

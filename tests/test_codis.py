@@ -127,7 +127,7 @@ def test_codis_trains_and_logs_codebook_health(shapes_data, tmp_path):
     from helpers import TINY
 
     from vlpt.engine.logging import read_metrics
-    from vlpt.engine.trainer import train
+    from vlpt.pretrain import pretrain as train
 
     cfg = load_config("configs/pretrain/codis_tiny.yaml", [*TINY, f"data.root={shapes_data}",
                                                            f"train.out={tmp_path}", "train.steps=3",

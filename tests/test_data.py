@@ -14,10 +14,11 @@ import torch
 
 import vlpt.cli
 from vlpt.data.annotations import AnnotationError, ImageError, load_annotations
-from vlpt.data.loader import Collate, ResumableSampler, load_pairs, pair_loader
+from vlpt.data.collate import Collate
+from vlpt.data.loader import ResumableSampler, load_pairs, pair_loader
 from vlpt.data.tokenizer import Tokenizer
 from vlpt.engine.logging import read_metrics
-from vlpt.engine.trainer import train
+from vlpt.pretrain import pretrain as train
 from helpers import CONFIG, config, overrides
 
 
@@ -220,7 +221,7 @@ def samples(shapes_data, n: int) -> list[dict]:
 
 def test_mlm_masks_depend_only_on_seed_and_draw(shapes_data, tokenizer):
     s = samples(shapes_data, 6)
-    collate = Collate(tokenizer, max_len=24, mlm_probability=0.5, seed=3)
+    collate = Collate(tokenizer, max_len=24, needs={"mlm"}, mlm_probability=0.5, seed=3)
     full = collate(s)
     assert (full["mlm_labels"] >= 0).any() and (full["mlm_ids"] == tokenizer.mask_id).any()
     assert torch.equal(full["mlm_labels"] >= 0, (full["mlm_labels"] == full["text_ids"]) & (full["mlm_labels"] >= 0))
@@ -233,7 +234,7 @@ def test_mlm_masks_depend_only_on_seed_and_draw(shapes_data, tokenizer):
 
     # Another draw or another seed masks differently.
     redrawn = collate([{**x, "draw": x["draw"] + 1} for x in s])
-    reseeded = Collate(tokenizer, max_len=24, mlm_probability=0.5, seed=4)(s)
+    reseeded = Collate(tokenizer, max_len=24, needs={"mlm"}, mlm_probability=0.5, seed=4)(s)
     assert not torch.equal(redrawn["mlm_labels"], full["mlm_labels"])
     assert not torch.equal(reseeded["mlm_labels"], full["mlm_labels"])
     assert "mlm_ids" not in Collate(tokenizer, max_len=24)(s)
@@ -242,9 +243,10 @@ def test_mlm_masks_depend_only_on_seed_and_draw(shapes_data, tokenizer):
 def test_rank_loaders_split_the_single_process_batches(shapes_data, tokenizer):
     """What DDP relies on: 2 ranks x 4 samples = 1 process x 8, images, texts and MLM masks alike."""
     records = load_pairs(shapes_data / "pretrain.json")
-    kwargs = dict(image_size=32, max_len=24, mlm_probability=0.15, seed=2, start=3)
-    one = iter(pair_loader(records, shapes_data, tokenizer, batch_size=8, **kwargs))
-    two = [iter(pair_loader(records, shapes_data, tokenizer, batch_size=4, rank=r, world=2, **kwargs))
+    kwargs = dict(image_size=32, seed=2, start=3)
+    one = iter(pair_loader(records, shapes_data, Collate(tokenizer, 24, {"mlm"}, seed=2), batch_size=8, **kwargs))
+    collate = Collate(tokenizer, 24, {"mlm"}, seed=2, fixed=True)  # ranks pad to max_len: they gather texts
+    two = [iter(pair_loader(records, shapes_data, collate, batch_size=4, rank=r, world=2, **kwargs))
            for r in range(2)]
     for _ in range(3):
         whole, parts = next(one), [next(it) for it in two]

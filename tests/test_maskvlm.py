@@ -132,8 +132,8 @@ def test_itm_head_sees_the_elementwise_product_of_both_cross_encoders():
         handle = model.itm_head.register_forward_hook(lambda m, inputs, out: seen.append(inputs[0]))
         logits = model.itm_logits(tokens, hidden, batch["text_mask"])
         handle.remove()
-        image_cls = model.itm_image_proj(model.fuse_image(tokens, hidden, batch["text_mask"])[:, 0])
-        text_cls = model.pool(model.fuse(tokens, hidden, batch["text_mask"]), batch["text_mask"])
+        image_cls = model.backbone.itm_image_proj(model.backbone.fuse_image(tokens, hidden, batch["text_mask"])[:, 0])
+        text_cls = model.backbone.pool(model.fuse(tokens, hidden, batch["text_mask"]), batch["text_mask"])
     assert logits.shape == (4, 2)
     assert torch.allclose(seen[0], image_cls * text_cls, atol=1e-6)
 
@@ -151,7 +151,7 @@ def test_both_masking_conditions_mlm_on_the_masked_image():
 def test_maskvlm_trains_logs_all_losses_and_evaluates_retrieval(shapes_data, tmp_path):
     from vlpt.engine.checkpoint import load_method
     from vlpt.engine.logging import read_metrics
-    from vlpt.engine.trainer import train
+    from vlpt.pretrain import pretrain as train
     from vlpt.tasks import retrieval
 
     cfg = load_config("configs/pretrain/maskvlm_tiny.yaml", [
@@ -179,7 +179,7 @@ def test_masked_l1_of_a_perfect_and_a_mean_colour_reconstruction(monkeypatch, sh
     """The L1 is taken over masked pixels only: a decoder that returns the true pixels scores 0."""
     from vlpt.data.tokenizer import Tokenizer
     from vlpt.objectives.masked_image import patchify
-    from vlpt.tasks import reconstruction
+    from vlpt.viz import reconstruction
 
     tokenizer = Tokenizer(shapes_data / "vocab.txt")
     model = methods.build(_tiny_maskvlm()[1], tokenizer.vocab_size).eval()

@@ -12,7 +12,7 @@ from torch import nn
 from vlpt.config import TextConfig, VisionConfig, load_config
 from vlpt.data.masking import IGNORE, mask_tokens
 from vlpt.models.momentum import MomentumTeacher
-from vlpt.models.text import Attention, FusionEncoder, TextEncoder, load_bert_weights
+from vlpt.models.text import Attention, FusionEncoder, MLMHead, TextEncoder, load_bert_weights
 from vlpt.models.vision import PatchProjection, build_vit, load_vit_weights
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -156,6 +156,87 @@ def test_load_bert_weights_with_too_many_layers_names_missing_key(minilm):
         load_bert_weights(minilm, TextEncoder(30522, cfg), FusionEncoder(cfg, 384))
     with pytest.raises(KeyError, match=r"encoder\.layer\.6\."):
         load_bert_weights(minilm, TextEncoder(30522, minilm_cfg(text_layers=7)))
+
+
+@pytest.fixture(scope="module")
+def minilm_mlm(minilm, tmp_path_factory) -> Path:
+    """BertForMaskedLM on MiniLM's encoder with a random prediction head, saved as a Hugging Face folder."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    bert = transformers.BertForMaskedLM(transformers.BertConfig.from_pretrained(minilm))
+    missing, _ = bert.bert.load_state_dict(load_file(minilm / "model.safetensors"), strict=False)
+    assert not missing
+    with torch.no_grad():  # HF initialises biases to 0 and LayerNorm to 1: move every head parameter off its init
+        for p in [*bert.cls.predictions.transform.parameters(), bert.cls.predictions.bias]:
+            p.add_(0.1 * torch.randn_like(p))
+    folder = tmp_path_factory.mktemp("minilm_mlm")
+    bert.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def test_mlm_head_loads_from_bert_for_masked_lm(minilm, minilm_mlm):
+    transformers = pytest.importorskip("transformers")
+    from vlpt.data.tokenizer import Tokenizer
+    ids, mask = Tokenizer(minilm / "vocab.txt")(SENTENCES, 32)
+    cfg = minilm_cfg()
+    text, fusion, head = TextEncoder(30522, cfg).eval(), FusionEncoder(cfg, 384), MLMHead(384, 30522)
+    loaded = load_bert_weights(minilm_mlm, text, fusion, head)
+    assert [n for n in loaded if n.startswith("mlm_head.")] == [
+        "mlm_head.bias", "mlm_head.dense.bias", "mlm_head.dense.weight", "mlm_head.norm.bias", "mlm_head.norm.weight"]
+    assert len(loaded) == 6 * 16 + 5 + 5
+    bert = transformers.BertForMaskedLM.from_pretrained(minilm_mlm, attn_implementation="eager").eval()
+    with torch.no_grad():
+        ours = head(text(ids, mask), text.embeddings.word.weight)
+        theirs = bert(input_ids=ids, attention_mask=mask).logits
+    valid = mask.bool()
+    diff = (ours - theirs).abs()[valid].max().item()
+    assert diff < 1e-4, diff
+    assert theirs[valid].std() > 1.0  # the random head gives logits far from a zero-bias, unit-norm head's
+
+
+def test_mlm_head_from_a_folder_without_one_warns_and_stays(minilm):
+    cfg = minilm_cfg(text_layers=3, fusion_layers=3)
+    text, fusion, head = TextEncoder(30522, cfg), FusionEncoder(cfg, 384), MLMHead(384, 30522)
+    before = {n: p.detach().clone() for n, p in head.named_parameters()}
+    with pytest.warns(UserWarning, match="MLM head stays freshly initialised"):
+        loaded = load_bert_weights(minilm, text, fusion, head)
+    assert loaded == load_bert_weights(minilm, text, fusion) and not any(n.startswith("mlm_head") for n in loaded)
+    for n, p in head.named_parameters():
+        assert torch.equal(p, before[n]), n
+
+
+def hf_folder_like(source: Path, folder: Path, config: dict | None = None,
+                   weights: dict[str, torch.Tensor] | None = None) -> Path:
+    """A copy of a Hugging Face folder with config.json entries and the weights replaced."""
+    import json
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({**json.loads((source / "config.json").read_text()),
+                                                    **(config or {})}))
+    if weights is None:
+        (folder / "model.safetensors").symlink_to(source / "model.safetensors")
+    else:
+        save_file(weights, str(folder / "model.safetensors"))
+    return folder
+
+
+def test_mlm_head_bias_under_the_decoder_name_and_incomplete_heads(minilm_mlm, tmp_path):
+    state = load_file(minilm_mlm / "model.safetensors")
+    cfg = minilm_cfg()
+    head = MLMHead(384, 30522)
+    renamed = {("cls.predictions.decoder.bias" if k == "cls.predictions.bias" else k): v for k, v in state.items()}
+    loaded = load_bert_weights(hf_folder_like(minilm_mlm, tmp_path / "old", weights=renamed),
+                               TextEncoder(30522, cfg), None, head)
+    assert "mlm_head.bias" in loaded and torch.equal(head.bias, state["cls.predictions.bias"])
+    partial = {k: v for k, v in state.items() if k != "cls.predictions.transform.dense.bias"}
+    with pytest.raises(KeyError, match=r"cls\.predictions\.transform\.dense\.bias"):
+        load_bert_weights(hf_folder_like(minilm_mlm, tmp_path / "partial", weights=partial),
+                          TextEncoder(30522, cfg), None, MLMHead(384, 30522))
+
+
+def test_mlm_head_needs_gelu(minilm_mlm, tmp_path):
+    folder = hf_folder_like(minilm_mlm, tmp_path / "relu", config={"hidden_act": "relu"})
+    with pytest.raises(ValueError, match="hidden_act='relu'"):
+        load_bert_weights(folder, TextEncoder(30522, minilm_cfg()), None, MLMHead(384, 30522))
 
 
 def test_load_bert_weights_errors_without_weights(tmp_path):
@@ -354,12 +435,12 @@ def test_albef_step_losses_gradients_and_queues(albef):
     def has_grad(p):
         return p.grad is not None and p.grad.abs().sum() > 0
 
-    for part in ("vision", "text", "fusion", "vision_proj", "text_proj", "itm_head", "mlm_head"):
-        assert any(has_grad(p) for p in getattr(model, part).parameters()), part
-    assert has_grad(model.vision.patch_embed.proj.weight)
-    assert has_grad(model.text.embeddings.word.weight)
-    assert has_grad(model.fusion.layers[0].cross.query.weight)
-    assert has_grad(model.fusion.layers[0].attention.query.weight)
+    for part in ("backbone.vision", "backbone.text", "backbone.fusion", "vision_proj", "text_proj", "itm_head", "mlm_head"):
+        assert any(has_grad(p) for p in model.get_submodule(part).parameters()), part
+    assert has_grad(model.backbone.vision.patch_embed.proj.weight)
+    assert has_grad(model.backbone.text.embeddings.word.weight)
+    assert has_grad(model.backbone.fusion.layers[0].cross.query.weight)
+    assert has_grad(model.backbone.fusion.layers[0].attention.query.weight)
     assert has_grad(model.mlm_head.dense.weight)
     assert has_grad(model.temp)
     for name, p in model.teacher.named_parameters():
@@ -390,7 +471,7 @@ def test_albef_teacher_follows_student_after_step(albef):
     model.after_step(0)
     torch.testing.assert_close(model.teacher["text_proj"].weight, m * before + (1 - m) * model.text_proj.weight,
                                rtol=0, atol=1e-6)
-    assert any(k.startswith("teacher.copies.fusion.") for k in model.state_dict())
+    assert any(k.startswith("teacher.copies.backbone.fusion.") for k in model.state_dict())
     assert "queues.ptr" in model.state_dict()
 
 

@@ -17,7 +17,8 @@ from safetensors.torch import load_file
 from vlpt import methods
 from vlpt.engine import checkpoint, parallel
 from vlpt.engine.logging import read_metrics
-from vlpt.engine.trainer import build_optimizer, train
+from vlpt.engine.optim import build_optimizer
+from vlpt.pretrain import pretrain as train
 from helpers import CONFIG, config, overrides
 
 LOSSES = ("itc", "itm", "mlm")
@@ -197,9 +198,9 @@ def test_grad_checkpointing_gives_the_same_losses_and_gradients():
     batch = tiny_batch()
     plain, _ = tiny_model()
     recomputed, _ = tiny_model()
-    parallel.set_grad_checkpointing(recomputed)
-    assert recomputed.vision.grad_checkpointing and recomputed.text.grad_checkpointing
-    assert recomputed.fusion.grad_checkpointing and not recomputed.teacher["text"].grad_checkpointing
+    recomputed.set_grad_checkpointing()
+    assert recomputed.backbone.vision.grad_checkpointing and recomputed.backbone.text.grad_checkpointing
+    assert recomputed.backbone.fusion.grad_checkpointing and not recomputed.teacher["backbone"].text.grad_checkpointing
     losses_a, grads_a = gradients(plain, batch)
     losses_b, grads_b = gradients(recomputed, batch)
     assert losses_a.keys() == losses_b.keys() == set(LOSSES)

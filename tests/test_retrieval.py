@@ -7,7 +7,7 @@ import torch
 
 from vlpt.cli import main
 from vlpt.engine.checkpoint import load_method
-from vlpt.engine.trainer import train
+from vlpt.pretrain import pretrain as train
 from vlpt.tasks import retrieval
 from helpers import config
 

@@ -15,13 +15,14 @@ import torch
 import vlpt.cli
 from vlpt.config import ConfigError, DataConfig
 from vlpt.data.annotations import ImageError, load_annotations
-from vlpt.data.loader import Collate, PairDataset, captions, training_set
+from vlpt.data.collate import Collate
+from vlpt.data.loader import PairDataset, captions, training_set
 from vlpt.data.shards import (INDEX, SOURCE_ID_STRIDE, ShardSet, Stream, auto_streams, count_samples, decode,
                               rank_parts, shard_loader, write_shards)
 from vlpt.data.tokenizer import Tokenizer
 from vlpt.data.transforms import image_transform
 from vlpt.engine.logging import read_metrics
-from vlpt.engine.trainer import train
+from vlpt.pretrain import pretrain as train
 from helpers import CONFIG, config, overrides
 
 SHARD_SIZE = 50
@@ -62,8 +63,10 @@ def replace_member(tar_path: Path, name: str, data: bytes) -> None:
 
 
 def load(shard_set: ShardSet, tokenizer: Tokenizer, **kwargs):
-    args = dict(image_size=32, batch_size=8, max_len=24, mlm_probability=0.15, seed=2, shuffle_block=16)
-    return iter(shard_loader(shard_set, tokenizer, **{**args, **kwargs}))
+    args = dict(image_size=32, batch_size=8, seed=2, shuffle_block=16)
+    args.update(kwargs)
+    collate = Collate(tokenizer, 24, {"mlm"}, seed=args["seed"], fixed=args.get("world", 1) > 1)
+    return iter(shard_loader(shard_set, collate, **args))
 
 
 def take(it, n: int) -> list[dict]:
@@ -149,7 +152,7 @@ def expected_batches(shard_set: ShardSet, records, root, tokenizer, *, steps: in
     c = batch // streams
     readers = [Stream(shard_set, j, seed, block, start * c) for j in range(streams)]
     dataset = PairDataset(records, root, image_transform(32))
-    collate = Collate(tokenizer, 24, 0.15, seed)
+    collate = Collate(tokenizer, 24, {"mlm"}, seed)
     out = []
     for step in range(start, start + steps):
         keys = [(int(readers[j].sample(step * c + o)["__key__"]), step * batch + j * c + o)

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 import vlpt.cli
 from vlpt.engine import checkpoint
 from vlpt.engine.logging import read_metrics
-from vlpt.engine.trainer import train
+from vlpt.pretrain import pretrain as train
 from helpers import CONFIG, config, overrides
 
 LOSSES = ("itc", "itm", "mlm")
@@ -184,18 +184,18 @@ def test_corrupt_weights_give_an_error_naming_the_file(finished_run, shapes_data
 def test_module_lr_gives_named_modules_their_own_peak_rate():
     from vlpt import methods
     from vlpt.config import ConfigError, load_config
-    from vlpt.engine.trainer import build_optimizer
+    from vlpt.engine.optim import build_optimizer
 
     cfg = load_config(vlpt.cli.find_config(CONFIG), [*overrides(Path("."), Path(".")), "optim.lr=1e-3",
-                                                     "optim.module_lr={vision: 1.0e-5, text: 2.0e-5}"])
+                                                     "optim.module_lr={backbone.vision: 1.0e-5, backbone.text: 2.0e-5}"])
     model = methods.build(cfg, 30)
     optimizer, scheduler = build_optimizer(model, cfg, torch.device("cpu"))
     lr_of = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
-    assert lr_of[id(model.vision.pos_embed)] == 1e-5 * scheduler.lr_lambdas[0](0)
-    assert lr_of[id(model.text.layers[0].fc1.weight)] == 2e-5 * scheduler.lr_lambdas[0](0)
-    assert lr_of[id(model.fusion.layers[0].fc1.weight)] == 1e-3 * scheduler.lr_lambdas[0](0)
+    assert lr_of[id(model.backbone.vision.pos_embed)] == 1e-5 * scheduler.lr_lambdas[0](0)
+    assert lr_of[id(model.backbone.text.layers[0].fc1.weight)] == 2e-5 * scheduler.lr_lambdas[0](0)
+    assert lr_of[id(model.backbone.fusion.layers[0].fc1.weight)] == 1e-3 * scheduler.lr_lambdas[0](0)
     decay_of = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
-    assert decay_of[id(model.vision.pos_embed)] == 0 and decay_of[id(model.text.layers[0].fc1.weight)] > 0
+    assert decay_of[id(model.backbone.vision.pos_embed)] == 0 and decay_of[id(model.backbone.text.layers[0].fc1.weight)] > 0
     bad = load_config(vlpt.cli.find_config(CONFIG), ["optim.module_lr={visoin: 1.0e-5}"])
     with pytest.raises(ConfigError, match="visoin"):
         build_optimizer(methods.build(bad, 30), bad, torch.device("cpu"))

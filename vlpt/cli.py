@@ -1,4 +1,5 @@
-"""`vlpt` command line: sub-commands only parse arguments and call the library."""
+"""`vlpt` command line: sub-commands only parse arguments and call the library. `finetune`, `evaluate` and
+`visualize` get one sub-command per registered task or picture, with the flags those declare."""
 from __future__ import annotations
 
 import argparse
@@ -7,11 +8,11 @@ import sys
 import time
 from pathlib import Path
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+CONFIGS = Path(__file__).resolve().parent / "configs"  # shipped with the package
 
 
 def find_config(name: str) -> Path:
-    """A config path as given, else under the repository's `configs/` folder."""
+    """A config path as given, else under the package's `configs/` folder (`configs/` in the repository)."""
     for path in (Path(name), CONFIGS / name):
         if path.is_file():
             return path
@@ -42,60 +43,38 @@ def cmd_shard(args) -> None:
 
 def cmd_pretrain(args) -> None:
     from vlpt.config import load_config
-    from vlpt.engine.trainer import train
+    from vlpt.pretrain import pretrain
     overrides = list(args.overrides) + ([f"train.resume={args.resume}"] if args.resume else [])
     cfg = load_config(find_config(args.config), overrides)
-    print(f"run folder: {train(cfg)}")
+    print(f"run folder: {pretrain(cfg)}")
 
 
-def cmd_evaluate(args) -> None:
-    import torch
-    from vlpt.engine.checkpoint import load_method
-    from vlpt.engine.trainer import pick_device
-    from vlpt.tasks import retrieval
+def cmd_finetune(args) -> None:
+    from vlpt.tasks.base import finetune, finetune_config
+    overrides = [f"task.name={args.task}", *([f"task.checkpoint={args.checkpoint}"] if args.checkpoint else []),
+                 *([f"train.resume={args.resume}"] if args.resume else []), *args.overrides]
+    out = finetune(finetune_config(find_config(args.config) if args.config else None, overrides))
+    print(f"run folder: {out}; test metrics in {out / 'metrics.json'}")
 
-    device = pick_device(args.device)
-    model, cfg, tokenizer = load_method(args.checkpoint, device)
-    for key in ("k", "batch_size", "itc_weight"):  # flags default to the checkpoint's eval.* settings
-        if getattr(args, key) is None:
-            setattr(args, key, getattr(cfg.eval, key))
-    data = Path(args.data or cfg.data.root)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        metrics = retrieval.evaluate(model, data / f"retrieval_{args.split}.json", data, tokenizer,
-                                     image_size=cfg.model.vision.image_size, max_len=cfg.model.text.max_len,
-                                     k=args.k, batch_size=args.batch_size, itc_weight=args.itc_weight, device=device,
-                                     num_workers=args.num_workers)
-    print(format_table({"retrieval": metrics}))
-    if hasattr(model, "quantizer"):  # a visual codebook (CB-ViLA): how much of it the split's patches use
-        from vlpt.tasks.codebook import assign_codewords, usage
-        images = [data / p for p in retrieval.read_split(data / f"retrieval_{args.split}.json")[0]]
-        indices = assign_codewords(model, images, image_size=cfg.model.vision.image_size, batch_size=args.batch_size,
-                                   device=device, num_workers=args.num_workers)
-        metrics.update(usage(indices, len(model.quantizer.codewords)))
-        print(f"codebook: {metrics['codebook_used']} of {len(model.quantizer.codewords)} codewords used by the "
-              f"{args.split} images' patches ({100 * metrics['codebook_used_fraction']:.1f} %), "
-              f"perplexity {metrics['codebook_perplexity']:.1f}")
-        if metrics["codebook_used_fraction"] < 0.05:
-            print("warning: under 5 % of the codebook is in use: it has collapsed (are restarts off? "
-                  "method.cbvila.dead_after)")
+
+def cmd_evaluate(args) -> dict:
+    from vlpt.engine.runtime import pick_device
+    from vlpt.tasks.base import evaluate_checkpoint
+    overrides = [f"{key}={getattr(args, key.split('.')[-1])}" for key in args.options
+                 if getattr(args, key.split(".")[-1]) is not None]  # flags default to the checkpoint's values
+    overrides += [f"data.num_workers={args.num_workers}", *([f"data.root={args.data}"] if args.data else [])]
+    task, metrics = evaluate_checkpoint(args.task, args.checkpoint, pick_device(args.device), args.split, overrides)
+    print(task.table(metrics))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(metrics, indent=2) + "\n")
-
-
-def format_table(rows: dict[str, dict]) -> str:
-    cols = ["txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10", "r_mean"]
-    lines = [f"{'':18s}" + "".join(f"{c:>9s}" for c in cols)]
-    for name, m in rows.items():
-        lines.append(f"{name + ' (itm)':18s}" + "".join(f"{m[c]:9.2f}" for c in cols))
-        lines.append(f"{name + ' (itc)':18s}" + "".join(f"{m['itc_' + c]:9.2f}" for c in cols))
-    return "\n".join(lines)
+    return metrics
 
 
 def cmd_demo(args) -> None:
     from vlpt.config import load_config
     from vlpt.data.synthetic import generate
-    from vlpt.engine.trainer import train
+    from vlpt.pretrain import pretrain
 
     start = time.perf_counter()
     data = Path(args.data)
@@ -104,47 +83,24 @@ def cmd_demo(args) -> None:
     out = Path(args.out) / args.method
     cfg = load_config(find_config(f"pretrain/{args.method}_tiny.yaml"),
                       [f"data.root={data}", f"train.out={out}", *args.overrides])
-    train(cfg)
-    eval_args = argparse.Namespace(checkpoint=str(out), data=str(data), split="test", k=None, batch_size=None,
-                                   itc_weight=None, out=str(out / "metrics.json"), device="auto",
-                                   num_workers=cfg.data.num_workers)
-    cmd_evaluate(eval_args)
+    pretrain(cfg)
+    cmd_evaluate(argparse.Namespace(task="retrieval", checkpoint=str(out), data=str(data), split="test", k=None,
+                                    batch_size=None, itc_weight=None, options=(), out=str(out / "metrics.json"),
+                                    device="auto", num_workers=cfg.data.num_workers))
     print(f"demo finished in {time.perf_counter() - start:.0f} s; metrics in {out / 'metrics.json'}")
 
 
-def cmd_visualize_reconstruction(args) -> None:
+def cmd_visualize(args) -> None:
     from vlpt.engine.checkpoint import load_method
-    from vlpt.engine.trainer import pick_device
-    from vlpt.tasks.reconstruction import masked_l1, save_reconstructions
+    from vlpt.engine.runtime import pick_device
+    from vlpt.viz import registry, require
 
     device = pick_device(args.device)
     model, cfg, tokenizer = load_method(args.checkpoint, device)
-    data = Path(args.data or cfg.data.root)
-    out = save_reconstructions(model, tokenizer, data / (args.annotation or cfg.data.train), data, args.out,
-                               image_size=cfg.model.vision.image_size, max_len=cfg.model.text.max_len, n=args.n,
-                               seed=args.seed, device=device)
-    print(f"wrote {out} (columns: original, masked, reconstructed)")
-    if args.l1:
-        l1 = masked_l1(model, tokenizer, data / args.l1, data, image_size=cfg.model.vision.image_size,
-                       max_len=cfg.model.text.max_len, seed=args.seed, device=device)
-        print(f"masked-pixel L1 on {args.l1}: reconstruction {l1['model']:.4f}, "
-              f"each image's mean visible colour {l1['mean_colour']:.4f}")
-
-
-def cmd_visualize_codebook(args) -> None:
-    from vlpt.engine.checkpoint import load_method
-    from vlpt.engine.trainer import pick_device
-    from vlpt.tasks.codebook import save_codebook_grid
-    from vlpt.tasks.retrieval import read_split
-
-    device = pick_device(args.device)
-    model, cfg, _ = load_method(args.checkpoint, device)
-    data = Path(args.data or cfg.data.root)
-    images = [data / p for p in read_split(data / f"retrieval_{args.split}.json")[0]]
-    out, rows, used = save_codebook_grid(model, images, args.out, image_size=cfg.model.vision.image_size,
-                                         codewords=args.codewords, patches=args.patches, seed=args.seed, device=device)
-    print(f"wrote {out}: one row per codeword ({', '.join(map(str, rows))}), patches of the {args.split} images "
-          f"quantised to it; {used['codebook_used']} of {len(model.quantizer.codewords)} codewords in use")
+    picture = registry.get(args.what)()
+    if picture.capability:
+        require(model, picture.capability)
+    print(picture.draw(model, cfg, tokenizer, args, device))
 
 
 def cmd_keys(args) -> None:
@@ -153,14 +109,57 @@ def cmd_keys(args) -> None:
         print(f"{key:32s} {str(default):24s} {help}")
 
 
-def picture_parser(vis, name: str, method: str, out: str, help: str) -> argparse.ArgumentParser:
-    """A `vlpt visualize` sub-command: a checkpoint of `method` in, a PNG out."""
-    s = vis.add_parser(name, help=help)
-    s.add_argument("--checkpoint", required=True, help=f"checkpoint folder or run folder of a {method} run")
-    s.add_argument("--out", default=out, help="PNG file to write")
-    s.add_argument("--data", default="", help="data folder (default: the checkpoint's data.root)")
-    s.add_argument("--device", default="auto")
-    return s
+def option_flag(p: argparse.ArgumentParser, key: str) -> None:
+    """A flag for config key `key` (`eval.k` -> --k), typed and helped by its dataclass field; default None: the
+    checkpoint's value."""
+    from vlpt.config import describe
+    rows = {k: (default, help) for k, default, help in describe()}
+    default, help = rows[key]
+    p.add_argument("--" + key.split(".")[-1].replace("_", "-"), type=type(default), default=None,
+                   help=f"{help} ({key}; default: the checkpoint's)")
+
+
+def task_parsers(sub) -> None:
+    """`vlpt finetune TASK` for every task that trains and `vlpt evaluate TASK` for every task."""
+    from vlpt.tasks import registry
+    ft = sub.add_parser("finetune", help="finetune a task from a checkpoint").add_subparsers(dest="task", required=True)
+    ev = sub.add_parser("evaluate", help="evaluate a checkpoint on a task").add_subparsers(dest="task", required=True)
+    for name in registry.names():
+        task = registry.get(name)
+        doc = (task.__doc__ or name).strip().splitlines()[0]
+        if task.trains:
+            s = ft.add_parser(name, help=doc)
+            s.add_argument("--config", default="", help="task YAML (path, or relative to configs/)")
+            s.add_argument("--checkpoint", default="", help="checkpoint or run folder to start from (task.checkpoint)")
+            s.add_argument("--resume", default="", help="checkpoint folder, run folder, or 'latest' (train.resume)")
+            s.add_argument("overrides", nargs="*", help="key=value, e.g. train.steps=100")
+            s.set_defaults(func=cmd_finetune)
+        s = ev.add_parser(name, help=doc)
+        s.add_argument("--checkpoint", required=True, help="checkpoint folder or run folder")
+        s.add_argument("--data", default="", help="data folder (default: the checkpoint's data.root)")
+        s.add_argument("--split", default="test", help="the split's annotation file to read")
+        for key in task.options:
+            option_flag(s, key)
+        s.add_argument("--num-workers", type=int, default=2, help="image-loading workers (data.num_workers)")
+        s.add_argument("--device", default="auto")
+        s.add_argument("--out", default="", help="write the metrics as JSON here")
+        s.set_defaults(func=cmd_evaluate, options=task.options)
+
+
+def visualize_parsers(sub) -> None:
+    """`vlpt visualize NAME` for every registered picture: a checkpoint in, a PNG out."""
+    from vlpt.viz import registry
+    vis = sub.add_parser("visualize", help="pictures of a checkpoint").add_subparsers(dest="what", required=True)
+    for name in registry.names():
+        picture = registry.get(name)()
+        s = vis.add_parser(name, help=picture.help)
+        s.add_argument("--checkpoint", required=True, help="checkpoint folder or run folder"
+                       + (f" of a method with {picture.capability}" if picture.capability else ""))
+        s.add_argument("--out", default=picture.out, help="PNG file to write")
+        s.add_argument("--data", default="", help="data folder (default: the checkpoint's data.root)")
+        s.add_argument("--device", default="auto")
+        picture.arguments(s)
+        s.set_defaults(func=cmd_visualize)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -196,19 +195,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("overrides", nargs="*", help="key=value, e.g. train.steps=100")
     s.set_defaults(func=cmd_pretrain)
 
-    ev = sub.add_parser("evaluate", help="evaluate a checkpoint").add_subparsers(dest="task", required=True)
-    s = ev.add_parser("retrieval", help="zero-shot / finetuned image-text retrieval (ITC top-k, ITM rerank)")
-    s.add_argument("--checkpoint", required=True, help="checkpoint folder or run folder")
-    s.add_argument("--data", default="", help="data folder (default: the checkpoint's data.root)")
-    s.add_argument("--split", default="test", help="reads retrieval_<split>.json")
-    s.add_argument("--k", type=int, default=None, help="candidates reranked by ITM per query (eval.k)")
-    s.add_argument("--batch-size", type=int, default=None, help="pairs per ITM forward (eval.batch_size)")
-    s.add_argument("--itc-weight", type=float, default=None,
-                   help="ITC similarity added to the ITM score when reranking (eval.itc_weight)")
-    s.add_argument("--num-workers", type=int, default=2)
-    s.add_argument("--device", default="auto")
-    s.add_argument("--out", default="", help="write the metrics as JSON here")
-    s.set_defaults(func=cmd_evaluate)
+    task_parsers(sub)
 
     s = sub.add_parser("demo", help="generate data if missing, pretrain a tiny model, evaluate retrieval")
     s.add_argument("--method", default="albef")
@@ -217,23 +204,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("overrides", nargs="*", help="key=value overrides of the tiny config")
     s.set_defaults(func=cmd_demo)
 
-    vis = sub.add_parser("visualize", help="pictures of a checkpoint").add_subparsers(dest="what", required=True)
-    s = picture_parser(vis, "reconstruction", "maskvlm", "recon.png",
-                       "MaskVLM masked image reconstruction: original | masked | reconstructed")
-    s.add_argument("--annotation", default="", help="pretraining annotation file in it (default: data.train)")
-    s.add_argument("--n", type=int, default=8, help="image-text pairs (rows)")
-    s.add_argument("--seed", type=int, default=0, help="seed of the image mask")
-    s.add_argument("--l1", default="", help="also report the masked-pixel L1 over this annotation file (e.g. "
-                   "retrieval_test.json) against predicting each image's mean visible colour")
-    s.set_defaults(func=cmd_visualize_reconstruction)
-
-    s = picture_parser(vis, "codebook", "cbvila", "codebook.png",
-                       "CB-ViLA visual codebook: image patches assigned to sampled codewords (Fig. 3)")
-    s.add_argument("--split", default="test", help="reads the images of retrieval_<split>.json")
-    s.add_argument("--codewords", type=int, default=8, help="codewords drawn at random among those in use (rows)")
-    s.add_argument("--patches", type=int, default=10, help="patches drawn per codeword (columns)")
-    s.add_argument("--seed", type=int, default=0)
-    s.set_defaults(func=cmd_visualize_codebook)
+    visualize_parsers(sub)
 
     s = sub.add_parser("config", help="list every config key with its default and help")
     s.set_defaults(func=cmd_keys)
@@ -242,13 +213,13 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
-    from vlpt.config import ConfigError
     from vlpt.data.annotations import AnnotationError, ImageError
+    from vlpt.errors import VlptError
     try:
         args.func(args)
     except BrokenPipeError:  # output piped into `head` and the like
         sys.stderr.close()
-    except (ConfigError, AnnotationError, ImageError, FileNotFoundError, ValueError) as err:
+    except (VlptError, AnnotationError, ImageError, FileNotFoundError, ValueError) as err:
         message = str(err)
         if "Original Traceback" in message:  # raised in a DataLoader worker: torch prepends the worker's traceback
             message = message.rstrip().splitlines()[-1].split(": ", 1)[-1]

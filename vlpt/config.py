@@ -9,14 +9,16 @@ import dataclasses
 import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_origin, get_type_hints
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import yaml
 
+from vlpt.errors import ConfigError  # noqa: F401  (re-exported: `from vlpt.config import ConfigError`)
 
-def opt(default, help: str, choices: tuple = ()):
-    """A config field: a default, one line of help and, optionally, the values it may take."""
-    meta = {"help": help, "choices": choices}
+
+def opt(default, help: str):
+    """A config field: a default and one line of help (the values it may take are its type, e.g. `Literal`)."""
+    meta = {"help": help}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -43,8 +45,8 @@ class TextConfig:
     fusion_layers: int = opt(3, "layers of the fusion encoder (self- and cross-attention)")
     max_len: int = opt(32, "maximum tokens per text, [CLS] and [SEP] included")
     dropout: float = opt(0.0, "dropout in text and fusion layers (BERT uses 0.1)")
-    pool: str = opt("cls", "text and fused states -> one vector for ITC and ITM: cls (BERT, ALBEF) or mean over tokens "
-                    "(small post-norm encoders trained from scratch learn far faster with it)", ("cls", "mean"))
+    pool: Literal["cls", "mean"] = opt("cls", "text and fused states -> one vector for ITC and ITM: cls (BERT, ALBEF) or mean over tokens "
+                    "(small post-norm encoders trained from scratch learn far faster with it)")
     pretrained: str = opt("", "Hugging Face BERT folder (config.json + safetensors) to initialise from; empty trains from scratch")
 
 
@@ -55,54 +57,28 @@ class ModelConfig:
 
 
 @dataclass
-class CodebookConfig:
-    size: int = opt(4000, "codewords K (CODIS: 4,000; CB-ViLA: 3,000)")
-    epsilon: float = opt(0.1, "IPOT proximal (entropic) weight epsilon")
-    outer_iters: int = opt(20, "IPOT outer (proximal point) iterations")
-    inner_iters: int = opt(1, "IPOT inner (Sinkhorn) iterations per outer one")
-    swapped: bool = opt(True, "supervise each modality's prediction with the other modality's plan (CODIS text, Fig. 3); false: same modality (Alg. 1)")
-    plan_features: str = opt("teacher", "features the transport plans are solved from: teacher (CODIS) or student (Table 4 ablation)",
-                             ("teacher", "student"))
-
-
-@dataclass
-class MaskVLMConfig:
-    image_cross_layers: int = opt(3, "blocks of the image cross-modality encoder (image self-attention + cross-attention to text; MaskVLM: 3)")
-    decoder_layers: int = opt(3, "cross-attention blocks of the image cross-modality decoder before its linear map to pixels (MaskVLM: 3)")
-    image_ratio: float = opt(0.6, "fraction of image regions masked for MIM (MaskVLM: 0.6, Table 7)")
-    region: int = opt(32, "side in pixels of a square masked image region, a multiple of the patch size (MaskVLM: 32)")
-    masking: str = opt("one", "one: MLM from (image, masked text) and MIM from (masked image, text) (Eq. 1, A.3); both: both from (masked image, masked text)",
-                       ("one", "both"))
-
-
-@dataclass
-class CBViLAConfig:
-    estimator: str = opt("gumbel", "gradient of the nearest-codeword look-up: gumbel (softmax over -distance, CB-ViLA Sec. III-A) or straight_through (VQ-VAE)",
-                         ("gumbel", "straight_through"))
-    gumbel_temperature: float = opt(1.0, "temperature of the gumbel-softmax over negative mean squared distances")
-    beta: float = opt(0.25, "commitment weight beta of Eq. 3 (VQ-VAE: 0.25)")
-    image_ratio: float = opt(0.75, "fraction of visual tokens masked for MIM (CB-ViLA, after MAE: 0.75)")
-    warmup_steps: int = opt(1000, "codebook warm-up: steps that train only ITM (+ITC) and the pixel/codebook terms before MIM and MLM join (Sec. IV-C)")
-    dead_after: int = opt(100, "steps a codeword may go unused before it is re-initialised from encoder outputs; 0 disables")
-
-
-@dataclass
 class MethodConfig:
+    """The keys every method shares; a method registers a subclass with its own (`vlpt.methods.register`), which
+    `method.name` selects when the config is built."""
     name: str = opt("albef", "registered method name (see `vlpt.methods.available()`)")
-    losses: list = opt(["itc", "itm", "mlm"], "losses to train; the papers' ablations are subsets")
-    loss_weights: dict = opt({}, "weight per loss name; missing names weigh 1")
+    losses: list[str] = opt(["itc", "itm", "mlm"], "losses to train; the papers' ablations are subsets")
+    loss_weights: dict[str, float] = opt({}, "weight per loss name; missing names weigh 1")
     embed_dim: int = opt(256, "dimension of the contrastive projections")
     temperature: float = opt(0.07, "initial ITC temperature (learnable, clamped to [0.001, 0.5])")
-    queue_size: int = opt(65536, "features kept in each momentum queue")
+    queue_size: int = opt(65536, "features kept in each momentum queue (methods with a momentum teacher)")
     momentum: float = opt(0.995, "EMA coefficient of the momentum teacher")
     alpha: float = opt(0.4, "momentum-distillation weight of the teacher's soft targets")
     alpha_warmup_steps: int = opt(0, "steps over which alpha ramps linearly from 0 (ALBEF: first epoch)")
     mlm_probability: float = opt(0.15, "fraction of text tokens masked for MLM (MaskVLM: 0.3, Table 7)")
     mlm_mask_only: bool = opt(False, "every masked token becomes [MASK] (MaskVLM) instead of BERT's 80/10/10 mask/random/keep")
-    intra: bool = opt(False, "add intra-modal i2i and t2t alignment to ITC (CODIS Eq. 4-5)")
-    codebook: CodebookConfig = field(default_factory=CodebookConfig)
-    maskvlm: MaskVLMConfig = field(default_factory=MaskVLMConfig)
-    cbvila: CBViLAConfig = field(default_factory=CBViLAConfig)
+
+
+@dataclass
+class TaskConfig:
+    """The keys every downstream task shares; a task registers a subclass with its own (`vlpt.tasks.register`),
+    which `task.name` selects when the config is built. Pretraining configs leave `task.name` empty."""
+    name: str = opt("", "registered task name (see `vlpt tasks`); empty in pretraining configs")
+    checkpoint: str = opt("", "pretraining (or task) checkpoint or run folder whose encoders the task starts from")
 
 
 @dataclass
@@ -111,7 +87,7 @@ class DataConfig:
     train: str = opt("pretrain.json", "training data, relative to root unless absolute: a .json annotation file, or "
                      "WebDataset .tar shards as brace patterns, sources joined by '::' "
                      "(shards/{000000..000099}.tar::coco/{000..009}.tar; see `vlpt data shard`)")
-    weights: list = opt([], "share of the samples drawn from each '::' source of sharded data.train (normalised); "
+    weights: list[float] = opt([], "share of the samples drawn from each '::' source of sharded data.train (normalised); "
                         "empty: in proportion to their sample counts")
     streams: int = opt(0, "sharded data: independent shard streams making up the global batch (must divide it; the "
                        "same value gives the same batches on any number of processes; at least world x num_workers "
@@ -131,9 +107,13 @@ class OptimConfig:
     lr: float = opt(3e-4, "peak learning rate of AdamW")
     min_lr: float = opt(1e-5, "learning rate at the end of the cosine decay")
     weight_decay: float = opt(0.02, "AdamW weight decay (not on biases, norms, embeddings of positions)")
-    betas: list = opt([0.9, 0.999], "AdamW betas")
+    betas: list[float] = opt([0.9, 0.999], "AdamW betas")
     warmup_steps: int = opt(100, "linear warm-up steps")
-    module_lr: dict = opt({}, "peak learning rate per top-level module, e.g. {vision: 1.0e-5, text: 1.0e-5} (MaskVLM's encoders)")
+    warmup_lr: float = opt(0.0, "learning rate the linear warm-up starts from (ALBEF: 1e-5); scaled per group like lr")
+    module_lr: dict[str, float] = opt({}, "peak learning rate per module of the model, by dotted name, e.g. "
+                                      "{backbone.vision: 1.0e-5, backbone.text: 1.0e-5} (MaskVLM's encoders)")
+    module_min_lr: dict[str, float] = opt({}, "final learning rate per module named in module_lr (SemMIM decays "
+                                          "both groups to 1e-6); unnamed modules end at min_lr scaled by their peak / lr")
     grad_clip: float = opt(5.0, "maximum global gradient norm; 0 disables")
     accumulate: int = opt(1, "micro-batches accumulated per optimiser step")
 
@@ -145,14 +125,15 @@ class TrainConfig:
     out: str = opt("runs/albef", "run folder: checkpoints, metrics.jsonl, config.yaml")
     log_every: int = opt(10, "steps between metric lines")
     save_every: int = opt(500, "steps between checkpoints (one is always written at the end)")
-    keep: int = opt(2, "checkpoints kept on disk")
-    precision: str = opt("auto", "auto (bf16 autocast on GPU, fp32 on CPU), bf16 or fp32", ("auto", "bf16", "fp32"))
+    keep: int = opt(2, "checkpoints kept on disk (the best one, when an evaluation selects it, is kept apart)")
+    eval_every: int = opt(0, "steps between evaluations on the validation split (tasks that have one); 0: at the end only")
+    precision: Literal["auto", "bf16", "fp32"] = opt("auto", "auto (bf16 autocast on GPU, fp32 on CPU), bf16 or fp32")
     device: str = opt("auto", "auto, cpu, cuda or cuda:N")
     threads: int = opt(0, "torch intra-op threads on CPU; 0 keeps torch's default")
     resume: str = opt("", "checkpoint folder, or 'latest' in train.out, to resume from")
     progress: bool = opt(True, "show a tqdm progress bar")
-    parallel: str = opt("ddp", "how torchrun ranks share the model: ddp (full replicas, gradients all-reduced) or fsdp "
-                        "(FSDP2 fully_shard per transformer block: weights, gradients, AdamW state sharded)", ("ddp", "fsdp"))
+    parallel: Literal["ddp", "fsdp"] = opt("ddp", "how torchrun ranks share the model: ddp (full replicas, gradients all-reduced) or fsdp "
+                        "(FSDP2 fully_shard per transformer block: weights, gradients, AdamW state sharded)")
     compile: bool = opt(False, "torch.compile each transformer block and the MLM head (student and teacher)")
     grad_checkpointing: bool = opt(False, "recompute the encoders' block activations in backward (less memory, more compute)")
 
@@ -172,21 +153,23 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
-class ConfigError(ValueError):
-    pass
+# Sections whose dataclass is chosen by their `name` key, from the registry of that kind.
+SELECTED = {MethodConfig: ("methods", "method"), TaskConfig: ("tasks", "task")}
 
 
-def _check_choices(cls, obj, prefix: str) -> None:
-    for f in dataclasses.fields(cls):
-        choices = f.metadata.get("choices")
-        if choices and getattr(obj, f.name) not in choices:
-            raise ConfigError(f"config key '{prefix}{f.name}' must be one of {', '.join(map(str, choices))}; "
-                              f"got {getattr(obj, f.name)!r}")
+def selected_class(base: type, name: str) -> type:
+    """The registered config dataclass that `name` selects for a `SELECTED` section (`base` when `name` is empty)."""
+    if not name:
+        return base
+    import importlib
+    registry = importlib.import_module(f"vlpt.{SELECTED[base][0]}").registry
+    return getattr(registry.get(name), "config", base)
 
 
 def _fields(cls) -> dict[str, Any]:
@@ -194,12 +177,26 @@ def _fields(cls) -> dict[str, Any]:
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
+def type_name(typ) -> str:
+    origin, args = get_origin(typ), get_args(typ)
+    if origin is Literal:
+        return " | ".join(map(str, args))
+    if origin in (list, dict):
+        return f"{origin.__name__}[{', '.join(type_name(a) for a in args)}]"
+    return getattr(typ, "__name__", str(typ))
+
+
 def _coerce(value, typ, key: str):
+    """`value` as `typ` (element types of lists and dicts checked, `Literal` choices enforced); ConfigError if not."""
     if dataclasses.is_dataclass(typ):
         if not isinstance(value, dict):
             raise ConfigError(f"config key '{key}' is a section; got {value!r}")
         return _build(typ, value, key + ".")
-    origin = get_origin(typ) or typ
+    origin, args = get_origin(typ) or typ, get_args(typ)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"config key '{key}' must be one of {', '.join(map(str, args))}; got {value!r}")
+        return value
     if origin is bool:
         if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
             return value.lower() in ("true", "1", "yes")
@@ -216,20 +213,29 @@ def _coerce(value, typ, key: str):
             return float(value)
         raise ConfigError(f"config key '{key}' expects float; got {value!r}")
     if origin in (int, str, list, dict) and not isinstance(value, origin) or (origin is int and isinstance(value, bool)):
-        raise ConfigError(f"config key '{key}' expects {origin.__name__}; got {value!r}")
+        raise ConfigError(f"config key '{key}' expects {type_name(typ)}; got {value!r}")
+    if origin is list and args:
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict and args:
+        return {_coerce(k, args[0], f"{key} (a key)"): _coerce(v, args[1], f"{key}.{k}") for k, v in value.items()}
     return value
 
 
 def _build(cls, values: dict, prefix: str = ""):
+    if cls in SELECTED:  # the method's (or task's) own dataclass, chosen by its name
+        cls = selected_class(cls, values.get("name", _default(cls, "name")))
     fields = _fields(cls)
     for key in values:
         if key not in fields:
             near = difflib.get_close_matches(key, fields, n=1)
             hint = f"; did you mean '{prefix}{near[0]}'?" if near else f"; valid keys: {', '.join(fields)}"
             raise ConfigError(f"unknown config key '{prefix}{key}'{hint}")
-    obj = cls(**{k: _coerce(v, fields[k], prefix + k) for k, v in values.items()})
-    _check_choices(cls, obj, prefix)
-    return obj
+    return cls(**{k: _coerce(v, fields[k], prefix + k) for k, v in values.items()})
+
+
+def _default(cls, name: str):
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
 
 
 def _merge(into: dict, new: dict) -> dict:
@@ -278,14 +284,31 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), base:
     return _build(Config, values)
 
 
-def describe(cls=Config, prefix: str = "") -> list[tuple[str, Any, str]]:
-    """Every key with its default and help line, for `vlpt config --help-keys`."""
+def describe(cls=Config, prefix: str = "", note: str = "") -> list[tuple[str, Any, str]]:
+    """Every key with its default and help line, for `vlpt config`; a method's or task's own keys follow the shared
+    ones of its section, their help prefixed with the names of the entries that have them."""
     rows = []
     for f in dataclasses.fields(cls):
         typ = get_type_hints(cls)[f.name]
-        if dataclasses.is_dataclass(typ):
-            rows += describe(typ, prefix + f.name + ".")
+        if typ in SELECTED:
+            rows += describe(typ, prefix + f.name + ".", note)
+            rows += _selected_rows(typ, prefix + f.name + ".")
+        elif dataclasses.is_dataclass(typ):
+            rows += describe(typ, prefix + f.name + ".", note)
         else:
-            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
-            rows.append((prefix + f.name, default, f.metadata.get("help", "")))
+            rows.append((prefix + f.name, _default(cls, f.name), note + f.metadata.get("help", "")))
     return rows
+
+
+def _selected_rows(base: type, prefix: str) -> list[tuple[str, Any, str]]:
+    """The keys registered entries add to a `SELECTED` section, each listed once with the entries that declare it."""
+    import importlib
+    registry = importlib.import_module(f"vlpt.{SELECTED[base][0]}").registry
+    shared, owners, rows = {f.name for f in dataclasses.fields(base)}, {}, {}
+    for name in registry.names():
+        cls = getattr(registry.get(name), "config", base)
+        for key, default, help in describe(cls, prefix):
+            if key[len(prefix):].split(".")[0] not in shared:
+                owners.setdefault(key, []).append(name)
+                rows.setdefault(key, (default, help))
+    return [(key, rows[key][0], f"[{', '.join(owners[key])}] {rows[key][1]}") for key in rows]

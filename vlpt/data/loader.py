@@ -7,7 +7,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from vlpt.data.annotations import ImageError, load_annotations, load_image
-from vlpt.data.masking import IGNORE, mask_tokens, masked_positions
+from vlpt.data.collate import Collate
 from vlpt.data.tokenizer import Tokenizer
 from vlpt.data.transforms import image_transform
 
@@ -47,33 +47,17 @@ class PairDataset(Dataset):
         raise ImageError(f"no readable image among the {len(self.records)} records under {self.root}")
 
 
-class Collate:
-    """Stack images, tokenise texts, and (with `mlm_probability`) add masked ids and labels seeded per sample.
+class ImageFiles(Dataset):
+    """Image files as normalised tensors (evaluation)."""
 
-    Texts are padded to the batch's longest (a multiple of 8), or to `max_len` with `fixed` (under DDP, where ranks
-    gather each other's texts). Masks are drawn over each text's own tokens, so padding never changes them.
-    """
+    def __init__(self, paths: list[Path], transform):
+        self.paths, self.transform = paths, transform
 
-    def __init__(self, tokenizer: Tokenizer, max_len: int, mlm_probability: float = 0.0, seed: int = 0,
-                 fixed: bool = False, mask_only: bool = False):
-        self.tokenizer, self.max_len, self.mlm_probability, self.seed = tokenizer, max_len, mlm_probability, seed
-        self.fixed, self.mask_only = fixed, mask_only
+    def __len__(self) -> int:
+        return len(self.paths)
 
-    def __call__(self, samples: list[dict]) -> dict:
-        ids, mask = self.tokenizer([s["text"] for s in samples], self.max_len, self.fixed)
-        batch = {"image": torch.stack([s["image"] for s in samples]), "text_ids": ids, "text_mask": mask,
-                 "image_id": torch.tensor([s["image_id"] for s in samples]),
-                 "skipped": torch.tensor(sum(s["skipped"] for s in samples))}
-        if self.mlm_probability > 0:
-            batch["mlm_ids"], batch["mlm_labels"] = ids.clone(), torch.full_like(ids, IGNORE)
-            for row, (n, s) in enumerate(zip(mask.sum(1).tolist(), samples)):
-                gen = torch.Generator().manual_seed(self.seed * 1_000_003 + s["draw"])
-                t = self.tokenizer
-                batch["mlm_ids"][row, :n], batch["mlm_labels"][row, :n] = mask_tokens(
-                    ids[row, :n], self.mlm_probability, t.mask_id, t.vocab_size, t.special_ids, gen, self.mask_only)
-            # the masked tokens' indices in the flattened text, found here so the step need not wait for the device
-            batch["mlm_positions"] = masked_positions(batch["mlm_labels"])
-        return batch
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.transform(load_image(self.paths[i]))
 
 
 class ResumableSampler:
@@ -102,14 +86,12 @@ class ResumableSampler:
             step += 1
 
 
-def pair_loader(records: list[dict], root, tokenizer: Tokenizer, *, image_size: int, batch_size: int, max_len: int,
-                mlm_probability: float, seed: int, rank: int = 0, world: int = 1, start: int = 0,
-                num_workers: int = 0, augment: bool = False, skip_bad: bool = False,
-                mlm_mask_only: bool = False) -> DataLoader:
+def pair_loader(records: list[dict], root, collate: Collate, *, image_size: int, batch_size: int, seed: int,
+                rank: int = 0, world: int = 1, start: int = 0, num_workers: int = 0, augment: bool = False,
+                skip_bad: bool = False) -> DataLoader:
     dataset = PairDataset(records, root, image_transform(image_size, augment), skip_bad)
     sampler = ResumableSampler(len(dataset), batch_size, seed, rank, world, start)
-    return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
-                      collate_fn=Collate(tokenizer, max_len, mlm_probability, seed, world > 1, mlm_mask_only),
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate,
                       pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0,
                       prefetch_factor=4 if num_workers > 0 else None)
 
@@ -135,14 +117,15 @@ def captions(data):
     return (r["caption"] for r in data) if isinstance(data, list) else data.captions()
 
 
-def train_loader(cfg, data, tokenizer: Tokenizer, rank: int = 0, world: int = 1, start: int = 0):
-    """Endless batches of `rank` of `world` from global batch `start` on, from JSON records or shards alike."""
-    d, kwargs = cfg.data, dict(image_size=cfg.model.vision.image_size, batch_size=cfg.data.batch_size,
-                               max_len=cfg.model.text.max_len, mlm_probability=cfg.method.mlm_probability,
-                               seed=cfg.train.seed, rank=rank, world=world, start=start,
-                               num_workers=cfg.data.num_workers, augment=cfg.data.augment,
-                               mlm_mask_only=cfg.method.mlm_mask_only)
+def train_loader(cfg, data, tokenizer: Tokenizer, needs=(), rank: int = 0, world: int = 1, start: int = 0):
+    """Endless batches of `rank` of `world` from global batch `start` on, from JSON records or shards alike, with
+    what the method `needs` (`Method.batch_needs`)."""
+    d, m = cfg.data, cfg.method
+    collate = Collate(tokenizer, cfg.model.text.max_len, needs, cfg.train.seed, world > 1, m.mlm_probability,
+                      m.mlm_mask_only)
+    kwargs = dict(image_size=cfg.model.vision.image_size, batch_size=d.batch_size, seed=cfg.train.seed, rank=rank,
+                  world=world, start=start, num_workers=d.num_workers, augment=d.augment)
     if isinstance(data, list):
-        return pair_loader(data, d.root, tokenizer, skip_bad=d.skip_bad, **kwargs)
+        return pair_loader(data, d.root, collate, skip_bad=d.skip_bad, **kwargs)
     from vlpt.data.shards import shard_loader
-    return shard_loader(data, tokenizer, streams=d.streams, shuffle_block=d.shuffle_block, **kwargs)
+    return shard_loader(data, collate, streams=d.streams, shuffle_block=d.shuffle_block, **kwargs)

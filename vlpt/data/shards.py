@@ -55,7 +55,6 @@ from typing import Iterator
 
 import braceexpand
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
@@ -64,9 +63,7 @@ from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_itera
 
 from vlpt.config import ConfigError
 from vlpt.data.annotations import AnnotationError, ImageError, load_annotations, load_image
-from vlpt.data.loader import Collate
-from vlpt.data.masking import IGNORE, masked_positions
-from vlpt.data.tokenizer import Tokenizer
+from vlpt.data.collate import Collate, merge
 from vlpt.data.transforms import image_transform
 
 INDEX = "index.json"
@@ -449,35 +446,6 @@ class ShardStream(IterableDataset):
             step += 1
 
 
-def merge(pieces: list[dict], pad_id: int, pin: bool = False) -> dict:
-    """Join the lanes' collated parts of a batch in order, texts padded to the longest: equal to collating the
-    whole batch at once (tested). Per-sample tensors are joined along rows, counters summed, and `mlm_positions`
-    (indices into the flattened texts) recomputed; any other key is an error, to be taught here."""
-    if len(pieces) == 1:
-        return pieces[0]
-    rows = [p["image"].shape[0] for p in pieces]
-    width = max(p["text_ids"].shape[1] for p in pieces)
-    pad = {"text_ids": pad_id, "text_mask": 0, "mlm_ids": pad_id, "mlm_labels": IGNORE}
-    batch = {}
-    for key, first in pieces[0].items():
-        if key == "skipped":
-            batch[key] = sum(p[key] for p in pieces)
-        elif key == "mlm_positions":
-            continue
-        elif first.ndim >= 1 and all(p[key].shape[0] == n for p, n in zip(pieces, rows)):
-            parts = [F.pad(p[key], (0, width - p[key].shape[1]), value=pad[key]) if key in pad else p[key]
-                     for p in pieces]
-            out = None
-            if pin:  # one copy, into pinned memory
-                out = torch.empty((sum(rows), *parts[0].shape[1:]), dtype=first.dtype, pin_memory=True)
-            batch[key] = torch.cat(parts, out=out)
-        else:
-            raise ValueError(f"shards.merge does not know how to join the batch key {key!r}")
-    if "mlm_positions" in pieces[0]:
-        batch["mlm_positions"] = masked_positions(batch["mlm_labels"])
-    return batch
-
-
 class ShardLoader:
     """Endless batches of one rank: a DataLoader whose workers each produce their lanes' parts of every step (in
     worker order, so deterministic), joined here. Pinned memory on CUDA; persistent workers."""
@@ -495,9 +463,8 @@ class ShardLoader:
             yield merge([next(pieces) for _ in range(self.lanes)], self.pad_id, self.pin)
 
 
-def shard_loader(shards: ShardSet, tokenizer: Tokenizer, *, image_size: int, batch_size: int, max_len: int,
-                 mlm_probability: float, seed: int, rank: int = 0, world: int = 1, start: int = 0,
-                 num_workers: int = 0, augment: bool = False, mlm_mask_only: bool = False, streams: int = 0,
+def shard_loader(shards: ShardSet, collate: Collate, *, image_size: int, batch_size: int, seed: int, rank: int = 0,
+                 world: int = 1, start: int = 0, num_workers: int = 0, augment: bool = False, streams: int = 0,
                  shuffle_block: int = 64) -> ShardLoader:
     """Batches of `batch_size` for `rank` of `world`, from global batch `start` on (see the module docstring)."""
     global_batch = batch_size * world
@@ -509,8 +476,7 @@ def shard_loader(shards: ShardSet, tokenizer: Tokenizer, *, image_size: int, bat
         raise ConfigError(f"data.shuffle_block must be at least 1; got {shuffle_block}")
     parts = rank_parts(streams, global_batch, rank, batch_size)
     lanes = min(num_workers, len(parts)) if num_workers > 0 else 1
-    collate = Collate(tokenizer, max_len, mlm_probability, seed, world > 1, mlm_mask_only)
     dataset = ShardStream(shards, parts, lanes, global_batch=global_batch, streams=streams, start=start, seed=seed,
                           block=shuffle_block, transform=image_transform(image_size, augment), augment=augment,
                           collate=collate, source_ids=len(shards.shares) > 1)
-    return ShardLoader(dataset, lanes if num_workers > 0 else 0, tokenizer.pad_id)
+    return ShardLoader(dataset, lanes if num_workers > 0 else 0, collate.tokenizer.pad_id)

@@ -1,5 +1,5 @@
-"""How the model runs: gradient checkpointing and `torch.compile` of the encoders' blocks, and how torchrun ranks
-share it (`train.parallel`: DDP replicas or FSDP2 shards); the model and optimiser state in one portable format.
+"""How the model runs: gradient checkpointing and `torch.compile` of the blocks the model lists (`blocks()`), and how
+torchrun ranks share it (`train.parallel`: DDP replicas or FSDP2 shards); the model and optimiser state in one portable format.
 
 FSDP2 (`torch.distributed.fsdp.fully_shard`) shards every transformer block (ViT blocks, text and fusion layers) as
 its own unit and the rest of the model (embeddings, projections, heads, the temperature) as the root unit, whose
@@ -28,29 +28,13 @@ except ImportError:  # pragma: no cover - older torch: DDP only
     FSDPModule = fully_shard = None
 
 
-def blocks(model: nn.Module) -> list[nn.Module]:
-    """The repeated transformer blocks: timm ViT blocks and vlpt text/fusion layers (student and teacher)."""
-    from timm.models.vision_transformer import Block
-    from vlpt.models.text import Layer
-    return [m for m in model.modules() if isinstance(m, (Block, Layer))]
-
-
-def set_grad_checkpointing(model: nn.Module, enable: bool = True) -> None:
-    """Recompute block activations in backward: timm ViTs through their own `set_grad_checkpointing`, text and
-    fusion encoders through `torch.utils.checkpoint`. Not the teacher's copies: they run without gradient."""
-    from timm.models.vision_transformer import VisionTransformer
-    from vlpt.models.text import FusionEncoder, TextEncoder
-    for name, m in model.named_modules():
-        if isinstance(m, (VisionTransformer, TextEncoder, FusionEncoder)) and not name.startswith("teacher."):
-            m.set_grad_checkpointing(enable)
-
-
 def compile_blocks(model: nn.Module) -> None:
-    """`torch.compile` each block and MLM head in place (regional compilation: one graph serves all blocks of a
-    kind; state-dict names do not change). Text lengths and masked-token counts vary per batch: dynamic shapes."""
+    """`torch.compile` each of the model's `blocks()` and its MLM heads in place (regional compilation: one graph
+    serves all blocks of a kind; state-dict names do not change). Text lengths and masked-token counts vary per
+    batch: dynamic shapes."""
     from vlpt.models.text import MLMHead
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 32)
-    for m in [*blocks(model), *(m for m in model.modules() if isinstance(m, MLMHead))]:
+    for m in [*model.blocks(), *(m for m in model.modules() if isinstance(m, MLMHead))]:
         m.compile()
 
 
@@ -65,7 +49,7 @@ def shard(model: nn.Module, device: torch.device) -> None:
                            f"this is torch {torch.__version__}")
     from torch.distributed.device_mesh import init_device_mesh
     mesh = init_device_mesh(device.type, (distributed.world_size(),))
-    for block in blocks(model):
+    for block in model.blocks():
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
     teacher = getattr(model, "teacher", None)
@@ -78,7 +62,7 @@ def prepare(model: nn.Module, cfg, device: torch.device) -> nn.Module:
     before the optimiser is built: FSDP replaces the parameters). Returns the module the step calls: the DDP
     wrapper, or the model itself."""
     if cfg.train.grad_checkpointing:
-        set_grad_checkpointing(model)
+        model.set_grad_checkpointing()
     if cfg.train.compile:
         compile_blocks(model)
     if not distributed.is_distributed():
@@ -86,8 +70,8 @@ def prepare(model: nn.Module, cfg, device: torch.device) -> nn.Module:
     if cfg.train.parallel == "fsdp":
         shard(model, device)
         return model
-    # find_unused_parameters: ablations (e.g. losses: [itc]) leave the fusion encoder and heads without gradient
-    return DistributedDataParallel(model, find_unused_parameters=True)
+    # an ablation (e.g. losses: [itc]) leaves the fusion encoder and heads without gradient: DDP must look for them
+    return DistributedDataParallel(model, find_unused_parameters=model.may_leave_parameters_unused())
 
 
 @contextmanager

@@ -1,5 +1,4 @@
-"""Method registry: a name -> a Method subclass. Importing this package registers every built-in method."""
+"""Methods: a registry of name -> Method subclass with its config dataclass; the built-in ones register on first use."""
 from __future__ import annotations
 
-from vlpt.methods.base import Method, available, build, check, register  # noqa: F401
-from vlpt.methods import albef, cbvila, codis, maskvlm  # noqa: F401,E402  (registers)
+from vlpt.methods.base import Method, available, build, check, register, registry  # noqa: F401

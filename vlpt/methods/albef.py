@@ -3,13 +3,15 @@ from __future__ import annotations
 
 import torch
 
+from vlpt.config import MethodConfig
+from vlpt.methods import steps
 from vlpt.methods.base import Method, register
 
 
-@register("albef")
+@register("albef", MethodConfig)
 class ALBEF(Method):
     def forward(self, batch: dict, step: int) -> dict[str, torch.Tensor]:
-        f = self.features(batch)
-        out = self.standard_losses(f, batch, step)
-        self.push_queues(f)
+        f = steps.features(self, batch)
+        out = steps.standard_losses(self, f, batch, step, self.cfg.method.losses)
+        steps.push_queues(self, f)
         return out

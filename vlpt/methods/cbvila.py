@@ -25,19 +25,53 @@ Table IV's ablations are `method.losses`: [itc, itm, mlm]; [itc, itm, mlm, pixel
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import Literal
+
 import torch
 from torch import nn
 
+from vlpt.config import MethodConfig, opt
 from vlpt.engine import distributed
+from vlpt.methods import steps
 from vlpt.methods.base import Method, register
 from vlpt.models.text import init_bert_
 from vlpt.objectives.codebook import Quantized, VectorQuantizer, assignment_counts, codebook_health
 from vlpt.objectives.masked_image import codeword_mim_loss, patchify, pixel_mse
 
 
-@register("cbvila")
+@dataclass
+class VQCodebookConfig:
+    size: int = opt(3000, "codewords K (CB-ViLA: 3,000)")
+
+
+@dataclass
+class CBViLAOptions:
+    estimator: Literal["gumbel", "straight_through"] = opt(
+        "gumbel", "gradient of the nearest-codeword look-up: gumbel (softmax over -distance, CB-ViLA Sec. III-A) or "
+        "straight_through (VQ-VAE)")
+    gumbel_temperature: float = opt(1.0, "temperature of the gumbel-softmax over negative mean squared distances")
+    beta: float = opt(0.25, "commitment weight beta of Eq. 3 (VQ-VAE: 0.25)")
+    image_ratio: float = opt(0.75, "fraction of visual tokens masked for MIM (CB-ViLA, after MAE: 0.75)")
+    warmup_steps: int = opt(1000, "codebook warm-up: steps that train only ITM (+ITC) and the pixel/codebook terms "
+                            "before MIM and MLM join (Sec. IV-C); only when a codebook term is trained")
+    dead_after: int = opt(100, "steps a codeword may go unused before it is re-initialised from encoder outputs; "
+                          "0 disables")
+
+
+@dataclass
+class CBViLAConfig(MethodConfig):
+    codebook: VQCodebookConfig = field(default_factory=VQCodebookConfig)
+    cbvila: CBViLAOptions = field(default_factory=CBViLAOptions)
+
+
+CODEBOOK_TERMS = ("pixel", "codebook", "mim")
+
+
+@register("cbvila", CBViLAConfig)
 class CBViLA(Method):
-    loss_names = ("itc", "itm", "mlm", "pixel", "codebook", "mim")
+    loss_names = ("itc", "itm", "mlm", *CODEBOOK_TERMS)
+    capabilities = frozenset({"codebook"})
 
     def __init__(self, cfg, vocab_size: int):
         super().__init__(cfg, vocab_size)
@@ -54,6 +88,17 @@ class CBViLA(Method):
             init_bert_(head)
         self._restart: tuple[torch.Tensor, torch.Tensor] | None = None
 
+    def active_losses(self, step: int) -> list[str]:
+        """`method.losses`, without MIM and MLM during the codebook warm-up (Sec. IV-C): the warm-up is for the
+        codebook, so a row without codebook terms (Table IV row 1, ALBEF) trains MLM from step 0."""
+        losses, cb = self.cfg.method.losses, self.cfg.method.cbvila
+        if step < cb.warmup_steps and set(CODEBOOK_TERMS) & set(losses):
+            return [name for name in losses if name not in ("mim", "mlm")]
+        return list(losses)
+
+    def may_leave_parameters_unused(self) -> bool:
+        return super().may_leave_parameters_unused() or self.active_losses(0) != list(self.cfg.method.losses)
+
     def quantize(self, image_tokens: torch.Tensor, frozen: bool = False) -> tuple[torch.Tensor, Quantized]:
         """ViT tokens (B,1+N,Wv) -> encoder outputs v (B,N,Wt) and their quantisation (Eq. 1); `frozen`: with the
         tokens MIM reads (sg[C])."""
@@ -63,15 +108,13 @@ class CBViLA(Method):
     def decode(self, queries: torch.Tensor, text_hidden: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
         """The reversed fusion: image tokens (B,N,Wt), plus positions, attend to each other and to the text with the
         fusion encoder's own weights: (B,N,Wt)."""
-        return self.fusion(queries + self.code_position.to(queries.dtype), None, self.text_to_context(text_hidden),
-                           text_mask)
+        return self.backbone.fusion(queries + self.code_position.to(queries.dtype), None,
+                                    self.text_to_context(text_hidden), text_mask)
 
     def forward(self, batch: dict, step: int) -> dict[str, torch.Tensor]:
-        cb, losses = self.cfg.method.cbvila, self.cfg.method.losses
-        if step < cb.warmup_steps:  # codebook warm-up: MIM and MLM join afterwards
-            losses = [name for name in losses if name not in ("mim", "mlm")]
-        f = self.features(batch)
-        out = self.standard_losses(f, batch, step, losses)
+        cb, losses = self.cfg.method.cbvila, self.active_losses(step)
+        f = steps.features(self, batch)
+        out = steps.standard_losses(self, f, batch, step, losses)
         if {"pixel", "codebook", "mim"} & set(losses):
             v, q = self.quantize(f.image_tokens, frozen="mim" in losses)
             if "codebook" in losses:
@@ -86,7 +129,7 @@ class CBViLA(Method):
                 out["mim"] = codeword_mim_loss(logits, q.indices, mask, distributed.mean_count(mask.sum()))
             if self.training:
                 out.update(self.track_codebook(v, q, step))
-        self.push_queues(f)
+        steps.push_queues(self, f)
         return out
 
     @torch.no_grad()

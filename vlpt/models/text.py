@@ -6,6 +6,9 @@ The text encoder is BERT's embeddings + the first `text_layers` layers; the fusi
 from __future__ import annotations
 
 import json
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -27,7 +30,9 @@ def init_bert_(module: nn.Module) -> None:
 
 
 class Attention(nn.Module):
-    """Multi-head attention through `scaled_dot_product_attention`; BERT's post-norm residual output."""
+    """Multi-head attention through `scaled_dot_product_attention`; BERT's post-norm residual output. With `capture`
+    the probabilities are computed explicitly and kept as `probs` (B,heads,N,M), their gradient as `probs.grad`
+    after backward (Grad-CAM); see `capture_attention`."""
 
     def __init__(self, width: int, heads: int, dropout: float, kv_width: int | None = None):
         super().__init__()
@@ -38,6 +43,8 @@ class Attention(nn.Module):
         self.out = nn.Linear(width, width)
         self.norm = nn.LayerNorm(width, eps=1e-12)
         self.drop = nn.Dropout(dropout)
+        self.capture = False
+        self.probs: torch.Tensor | None = None
 
     def _split(self, x: torch.Tensor) -> torch.Tensor:
         b, n, _ = x.shape
@@ -51,15 +58,37 @@ class Attention(nn.Module):
         if mask is not None:
             bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(mask == 0, float("-inf"))
             bias = bias[:, None, None, :]
-            if causal:
-                n = x.shape[1]
-                tri = torch.ones(n, n, dtype=torch.bool, device=x.device).tril()
-                bias = bias.masked_fill(~tri, float("-inf"))
-                causal = False
-        h = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=causal,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        if causal and (bias is not None or self.capture):
+            n = x.shape[1]
+            tri = torch.ones(n, n, dtype=torch.bool, device=x.device).tril()
+            bias = (q.new_zeros(n, n) if bias is None else bias).masked_fill(~tri, float("-inf"))
+            causal = False
+        if self.capture:
+            scores = q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5
+            probs = (scores if bias is None else scores + bias).softmax(-1)
+            if probs.requires_grad:
+                probs.retain_grad()
+            self.probs = probs
+            h = F.dropout(probs, self.dropout, self.training) @ v
+        else:
+            h = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=causal,
+                                               dropout_p=self.dropout if self.training else 0.0)
         h = h.transpose(1, 2).flatten(2)
         return self.norm(x + self.drop(self.out(h)))
+
+
+@contextmanager
+def capture_attention(*attentions: Attention) -> Iterator[tuple[Attention, ...]]:
+    """Within the block the given layers keep their attention probabilities (`.probs`, `.probs.grad` after a
+    backward), cleared on entry; after it they run fast again and the last captured probabilities stay readable."""
+    before = [a.capture for a in attentions]
+    for a in attentions:
+        a.capture, a.probs = True, None
+    try:
+        yield attentions
+    finally:
+        for a, capture in zip(attentions, before):
+            a.capture = capture
 
 
 class Layer(nn.Module):
@@ -97,8 +126,10 @@ class Embeddings(nn.Module):
 
 
 def run_layer(layer: nn.Module, checkpointed: bool, *args, **kwargs) -> torch.Tensor:
-    """layer(*args), through `torch.utils.checkpoint` when `checkpointed` and gradients are being recorded."""
-    if checkpointed and torch.is_grad_enabled():
+    """layer(*args), through `torch.utils.checkpoint` when `checkpointed` and gradients are being recorded, unless
+    an attention of the layer captures (its recomputation in backward would replace the kept probabilities)."""
+    if (checkpointed and torch.is_grad_enabled()
+            and not any(isinstance(m, Attention) and m.capture for m in layer.modules())):
         return checkpoint(layer, *args, use_reentrant=False, **kwargs)
     return layer(*args, **kwargs)
 
@@ -167,6 +198,9 @@ _LAYER_KEYS = {
 }
 _EMBED_KEYS = {"word_embeddings": "word", "position_embeddings": "position",
                "token_type_embeddings": "token_type", "LayerNorm": "norm"}
+# BertForMaskedLM's prediction head -> ours; its decoder weight is the word embeddings (tied).
+_HEAD_KEYS = {"transform.dense.weight": "dense.weight", "transform.dense.bias": "dense.bias",
+              "transform.LayerNorm.weight": "norm.weight", "transform.LayerNorm.bias": "norm.bias", "bias": "bias"}
 
 
 def read_bert_config(folder: str | Path) -> dict:
@@ -176,9 +210,11 @@ def read_bert_config(folder: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
-def load_bert_weights(folder: str | Path, text: TextEncoder, fusion: FusionEncoder | None = None) -> list[str]:
+def load_bert_weights(folder: str | Path, text: TextEncoder, fusion: FusionEncoder | None = None,
+                      mlm_head: MLMHead | None = None) -> list[str]:
     """Copy BERT weights into the text encoder (layers 0..n-1) and the fusion encoder's self-attention and MLP
-    (layers n..n+m-1); cross-attention stays freshly initialised (ALBEF). Returns the loaded parameter names."""
+    (layers n..n+m-1); cross-attention stays freshly initialised (ALBEF). `mlm_head` takes BertForMaskedLM's head
+    when the weights hold one (a warning otherwise). Returns the loaded parameter names."""
     folder = Path(folder)
     files = sorted(folder.glob("*.safetensors"))
     if not files:
@@ -203,7 +239,9 @@ def load_bert_weights(folder: str | Path, text: TextEncoder, fusion: FusionEncod
                 if key not in state:
                     raise KeyError(f"{folder}: BERT weights lack {key} (the model has fewer layers than configured)")
                 ours[f"{prefix}.layers.{ours_i}.{name}.{p}"] = state[key]
-    modules = {"text": text, "fusion": fusion}
+    if mlm_head is not None:
+        ours.update(_mlm_head_weights(folder, state))
+    modules = {"text": text, "fusion": fusion, "mlm_head": mlm_head}
     for key, value in ours.items():
         prefix, rest = key.split(".", 1)
         param = modules[prefix].get_parameter(rest)
@@ -212,3 +250,22 @@ def load_bert_weights(folder: str | Path, text: TextEncoder, fusion: FusionEncod
         with torch.no_grad():
             param.copy_(value)
     return sorted(ours)
+
+
+def _mlm_head_weights(folder: Path, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """BertForMaskedLM's prediction head in `state` under our names; none (and a warning) when the weights lack it."""
+    head = {k.removeprefix("cls.predictions."): v for k, v in state.items() if k.startswith("cls.predictions.")}
+    if "decoder.bias" in head:  # older checkpoints name the output bias after the decoder
+        head.setdefault("bias", head["decoder.bias"])
+    if not head:
+        warnings.warn(f"{folder}: no cls.predictions.* in the BERT weights; the MLM head stays freshly initialised")
+        return {}
+    missing = sorted(set(_HEAD_KEYS) - set(head))
+    if missing:
+        raise KeyError(f"{folder}: BERT weights lack cls.predictions.{missing[0]} of the MLM head")
+    if "decoder.weight" in head and not torch.equal(head["decoder.weight"], state["embeddings.word_embeddings.weight"]):
+        raise ValueError(f"{folder}: the MLM decoder is not tied to the word embeddings, as our MLM head is")
+    act = read_bert_config(folder).get("hidden_act", "gelu")
+    if act != "gelu":
+        raise ValueError(f"{folder}: config.json has hidden_act={act!r}; the MLM head applies exact GELU ('gelu')")
+    return {f"mlm_head.{ours}": head[hf] for hf, ours in _HEAD_KEYS.items()}

@@ -1,4 +1,5 @@
-"""Image-text retrieval (ALBEF Sec. 5): ITC similarities for all pairs, then the top-k candidates reranked by ITM.
+"""Zero-shot image-text retrieval (ALBEF Sec. 5) as a task: ITC similarities for all pairs, then the top-k candidates
+reranked by ITM; on a method with a visual codebook, also the codewords the split's patches use.
 
 Reranking runs many (image, text) pairs per fusion forward pass; `rerank_loop` is the per-query loop of the
 reference implementation, kept for the benchmark that compares the two.
@@ -9,22 +10,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from vlpt.data.annotations import load_annotations, load_image
+from vlpt.data.annotations import load_annotations
+from vlpt.data.loader import ImageFiles
 from vlpt.data.transforms import image_transform
-
-
-class ImageFiles(Dataset):
-    def __init__(self, paths: list[Path], transform):
-        self.paths, self.transform = paths, transform
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        return self.transform(load_image(self.paths[i]))
+from vlpt.tasks.base import Task, register
 
 
 def read_split(path: str | Path) -> tuple[list[str], list[str], list[list[int]], np.ndarray]:
@@ -142,3 +134,37 @@ def evaluate(model, annotation: str | Path, root: str | Path, tokenizer, *, imag
     metrics.update({f"itc_{key}": value for key, value in itc.items()})
     metrics.update({"images": len(images), "texts": len(texts), "k": k, "itc_weight": itc_weight})
     return metrics
+
+
+@register("retrieval")
+class ZeroShotRetrieval(Task):
+    """`vlpt evaluate retrieval`: reads `retrieval_<split>.json` (ALBEF's test format) under the data folder."""
+
+    options = ("eval.k", "eval.batch_size", "eval.itc_weight")
+
+    def evaluate(self, model, split: str) -> dict:
+        e, cfg = self.cfg.eval, self.cfg
+        metrics = {"protocol": "zero-shot", **evaluate(
+            model, self.data / f"retrieval_{split}.json", self.data, self.tokenizer,
+            image_size=cfg.model.vision.image_size, max_len=cfg.model.text.max_len, k=e.k, batch_size=e.batch_size,
+            itc_weight=e.itc_weight, device=self.device, num_workers=cfg.data.num_workers)}
+        if "codebook" in model.capabilities:  # how much of the visual codebook the split's patches use
+            from vlpt.viz.codebook import assign_codewords, usage
+            images = [self.data / p for p in read_split(self.data / f"retrieval_{split}.json")[0]]
+            indices = assign_codewords(model, images, image_size=cfg.model.vision.image_size,
+                                       batch_size=e.batch_size, device=self.device, num_workers=cfg.data.num_workers)
+            metrics.update(usage(indices, len(model.quantizer.codewords)))
+        return metrics
+
+    def table(self, m: dict) -> str:
+        cols = ["txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10", "r_mean"]
+        lines = [f"{'':18s}" + "".join(f"{c:>9s}" for c in cols),
+                 f"{'retrieval (itm)':18s}" + "".join(f"{m[c]:9.2f}" for c in cols),
+                 f"{'retrieval (itc)':18s}" + "".join(f"{m['itc_' + c]:9.2f}" for c in cols)]
+        if "codebook_used" in m:
+            lines.append(f"codebook: {m['codebook_used']} codewords used by the patches "
+                         f"({100 * m['codebook_used_fraction']:.1f} %), perplexity {m['codebook_perplexity']:.1f}")
+            if m["codebook_used_fraction"] < 0.05:
+                lines.append("warning: under 5 % of the codebook is in use: it has collapsed (are restarts off? "
+                             "method.cbvila.dead_after)")
+        return "\n".join(lines)

@@ -12,19 +12,15 @@ from tqdm import tqdm
 from vlpt.data.annotations import load_image
 from vlpt.data.transforms import denormalize, image_transform
 from vlpt.objectives.masked_image import patchify
-from vlpt.tasks.retrieval import ImageFiles
-
-
-def _check(model) -> None:
-    if not hasattr(model, "quantizer"):
-        raise ValueError(f"method '{model.name}' has no visual codebook (it needs cbvila)")
+from vlpt.viz.registry import require
+from vlpt.data.loader import ImageFiles
 
 
 @torch.no_grad()
 def assign_codewords(model, paths: list[Path], *, image_size: int, batch_size: int = 256, device="cpu",
                      num_workers: int = 0) -> torch.Tensor:
     """The nearest codeword of every patch of every image (M,N), on the CPU."""
-    _check(model)
+    require(model, "codebook")
     loader = DataLoader(ImageFiles(paths, image_transform(image_size)), batch_size=batch_size, num_workers=num_workers)
     indices = []
     for pixels in tqdm(loader, desc="codewords", disable=None, leave=False):

@@ -12,6 +12,7 @@ import torch
 from vlpt.data.annotations import load_annotations, load_image
 from vlpt.data.transforms import denormalize, image_transform
 from vlpt.objectives.masked_image import patchify, unpatchify
+from vlpt.viz.registry import require
 
 
 @torch.no_grad()
@@ -19,7 +20,7 @@ def reconstruct_pairs(model, images: torch.Tensor, ids: torch.Tensor, mask: torc
     """(original, masked, reconstructed) normalised images (B,3,H,W) and the patch mask (B,N) from a MaskVLM model
     in eval mode."""
     v = model.cfg.model.vision
-    grid = tuple(model.vision.patch_embed.grid_size)
+    grid = model.backbone.vision.grid
     patch_mask = model.image_mask(len(images), seed, images.device)  # the training masks' rule, `seed` as the step
     tokens = model.encode_image(images, patch_mask=patch_mask)[0]
     hidden = model.encode_text(ids, mask)[0]
@@ -36,8 +37,7 @@ def save_reconstructions(model, tokenizer, annotation: str | Path, root: str | P
     """Reconstruct the first `n` pairs of a pretraining annotation file and save the grid as a PNG at `out`."""
     from torchvision.utils import save_image
 
-    if not hasattr(model, "reconstruct"):
-        raise ValueError(f"method '{model.name}' has no image decoder (reconstruction needs maskvlm)")
+    require(model, "reconstruction")
     records = load_annotations(annotation, "pretrain")[:n]
     transform = image_transform(image_size)
     images = torch.stack([transform(load_image(Path(root) / r["image"])) for r in records]).to(device)

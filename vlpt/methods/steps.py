@@ -1,0 +1,127 @@
+"""The computations ALBEF's family shares, as functions of a `Method` and one step's `Features`: ITC (Eq. 1-3, 6;
+CODIS Eq. 4-5), ITM with hard negatives (Eq. 4) and MLM with distillation (Eq. 5, 7)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from vlpt.data.masking import masked_positions
+from vlpt.engine import distributed
+from vlpt.objectives.contrastive import alignment_loss
+from vlpt.objectives.masked_language import mlm_loss
+from vlpt.objectives.matching import itm_loss, sample_hard_negatives
+
+
+@dataclass(kw_only=True)
+class Features:
+    """One step's features: student tokens and normalised projections, the teacher's (None without a teacher), and
+    the ITC keys (the global batch's teacher features then the queue, or the global batch's student features) with
+    the positives of each local row and the global batch size."""
+    image_tokens: torch.Tensor
+    image_feat: torch.Tensor
+    text_hidden: torch.Tensor
+    text_feat: torch.Tensor
+    text_mask: torch.Tensor
+    image_id: torch.Tensor
+    image_keys: torch.Tensor
+    text_keys: torch.Tensor
+    positives: torch.Tensor
+    batch_size: int
+    teacher_tokens: torch.Tensor | None = None
+    teacher_image: torch.Tensor | None = None
+    teacher_text: torch.Tensor | None = None
+
+
+def features(method, batch: dict) -> Features:
+    """Student (and teacher) unimodal features, computed once per step and reused by every loss. With a teacher
+    the ITC keys are its features of the global batch followed by the queue; without one, the students' features of
+    the global batch, with gradient (in-batch ITC)."""
+    image_tokens, image_feat = method.encode_image(batch["image"])
+    text_hidden, text_feat = method.encode_text(batch["text_ids"], batch["text_mask"])
+    ids = batch["image_id"]
+    batch_ids = distributed.gather(ids)
+    student = dict(image_tokens=image_tokens, image_feat=image_feat, text_hidden=text_hidden, text_feat=text_feat,
+                   text_mask=batch["text_mask"], image_id=ids, batch_size=len(batch_ids))
+    if method.teacher is None:
+        return Features(**student, positives=ids[:, None] == batch_ids[None],
+                        image_keys=distributed.gather(image_feat, grad=True),
+                        text_keys=distributed.gather(text_feat, grad=True))
+    with torch.no_grad():
+        teacher_tokens, teacher_image = method.encode_image(batch["image"], teacher=True)
+        _, teacher_text = method.encode_text(batch["text_ids"], batch["text_mask"], teacher=True)
+        queues = method.queues
+        positives = ids[:, None] == torch.cat([batch_ids, queues.ids])[None]
+        image_keys = torch.cat([distributed.gather(teacher_image), queues.image])  # cat copies: the queue
+        text_keys = torch.cat([distributed.gather(teacher_text), queues.text])     # push is safe
+    return Features(**student, positives=positives, image_keys=image_keys, text_keys=text_keys,
+                    teacher_tokens=teacher_tokens, teacher_image=teacher_image, teacher_text=teacher_text)
+
+
+def push_queues(method, f: Features) -> None:
+    method.queues.push(f.image_id, image=f.teacher_image, text=f.teacher_text)
+
+
+def itc(method, f: Features, step: int, intra: bool = False) -> torch.Tensor:
+    """ALBEF Eq. 1-3, 6 against the keys; with `intra`, CODIS Eq. 4-5 adds i2i and t2t."""
+    return alignment_loss(f.image_feat, f.text_feat, f.image_keys, f.text_keys, f.positives, method.temperature(),
+                          method.alpha(step), f.teacher_image, f.teacher_text, intra=intra)
+
+
+def itm(method, f: Features, step: int) -> torch.Tensor:
+    """ALBEF Eq. 4: one hard negative text per image and one hard negative image per text, drawn from the whole
+    (global) batch by contrastive similarity; the noise comes from a (seed, step) generator sliced by rank, so
+    N ranks draw what one process with the global batch would. Rows: [positives | negative images | negative
+    texts], labels 1 for the first third."""
+    n_local, n_all = f.image_feat.shape[0], f.batch_size
+    temp = method.temperature()
+    with torch.no_grad():
+        sim_i2t = f.image_feat @ f.text_keys[:n_all].t() / temp
+        sim_t2i = f.text_feat @ f.image_keys[:n_all].t() / temp
+        gen = torch.Generator(sim_i2t.device).manual_seed(method.cfg.train.seed * 7919 + step)
+        noise = torch.rand(2, n_all, n_all, generator=gen, device=sim_i2t.device)[:, distributed.local_rows(n_local)]
+        positives = f.positives[:, :n_all]
+        neg_image = sample_hard_negatives(sim_t2i, positives, noise[0])
+        neg_text = sample_hard_negatives(sim_i2t, positives, noise[1])
+    all_tokens = distributed.gather(f.image_tokens, grad=True)
+    all_hidden = distributed.gather(f.text_hidden, grad=True)
+    all_mask = distributed.gather(f.text_mask)
+    # index_select: its backward adds in a fixed order on the CPU; indexing's accumulates with atomics
+    images = torch.cat([f.image_tokens, all_tokens.index_select(0, neg_image), f.image_tokens])
+    texts = torch.cat([f.text_hidden, f.text_hidden, all_hidden.index_select(0, neg_text)])
+    masks = torch.cat([f.text_mask, f.text_mask, all_mask[neg_text]])
+    labels = (torch.arange(3 * n_local, device=images.device) < n_local).long()  # made on the device: no copy
+    return itm_loss(method.itm_logits(images, texts, masks), labels)
+
+
+def mlm_positions(batch: dict) -> torch.Tensor:
+    """Indices of the masked tokens in the flattened (B*L) text: `mlm_positions` from the data pipeline, found on the
+    host, else from `mlm_labels` here (which waits for the device: the count sets the shape)."""
+    if "mlm_positions" in batch:
+        return batch["mlm_positions"]
+    return masked_positions(batch["mlm_labels"])
+
+
+def mlm(method, f: Features, batch: dict, step: int) -> torch.Tensor:
+    """ALBEF Eq. 5 + 7: masked tokens predicted from text and image, distilled from the teacher when there is one."""
+    positions, labels = mlm_positions(batch), batch["mlm_labels"]
+    logits = method.mlm_logits(f.image_tokens, batch["mlm_ids"], f.text_mask, positions=positions)
+    teacher_logits = None
+    if method.teacher is not None:
+        with torch.no_grad():
+            teacher_logits = method.mlm_logits(f.teacher_tokens, batch["mlm_ids"], f.text_mask, teacher=True,
+                                               positions=positions)
+    return mlm_loss(logits, labels.flatten()[positions], teacher_logits, method.alpha(step),
+                    distributed.mean_count((labels >= 0).sum()))
+
+
+def standard_losses(method, f: Features, batch: dict, step: int, losses, intra: bool = False) -> dict[str, torch.Tensor]:
+    """ITC, ITM and MLM, those of them listed in `losses`."""
+    out = {}
+    if "itc" in losses:
+        out["itc"] = itc(method, f, step, intra)
+    if "itm" in losses:
+        out["itm"] = itm(method, f, step)
+    if "mlm" in losses:
+        out["mlm"] = mlm(method, f, batch, step)
+    return out

@@ -1,0 +1,103 @@
+"""Backbones: the encoders of a method and how they connect. Every backbone answers the same protocol:
+
+- `encode_image(image, patch_mask=None) -> tokens (B,1+N,Wv)` ([CLS] first; masked patches become the mask token)
+- `encode_text(ids, mask) -> hidden (B,L,Wt)`: the unimodal text states
+- `fuse(image_tokens, text_hidden, text_mask) -> (B,L,Wt)`: text states after attending to the image
+- `joint_feature(image_tokens, text_hidden, text_mask) -> (B,Wt)`: the vector an ITM-style head (and a VE or
+  NLVR2 classifier) reads
+- `pool(hidden, mask) -> (B,W)`: text states to one vector (`model.text.pool`)
+- `blocks()`: its repeated transformer blocks, which FSDP, compile and gradient checkpointing act on
+
+`DualStream` is ALBEF's (CODIS, CB-ViLA); `CrossPair` adds MaskVLM's image cross-modality encoder.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+from vlpt.config import ModelConfig
+from vlpt.models.text import FusionEncoder, TextEncoder, init_bert_
+from vlpt.models.vision import build_vit
+
+
+class DualStream(nn.Module):
+    """ALBEF Sec. 3.1: a ViT, a BERT text encoder (the first `text_layers`) and a fusion encoder (the next
+    `fusion_layers`, with cross-attention to the image tokens)."""
+
+    def __init__(self, cfg: ModelConfig, vocab_size: int, mask_token: bool = False):
+        super().__init__()
+        self.cfg = cfg
+        self.vision = build_vit(cfg.vision, mask_token=mask_token)
+        self.text = TextEncoder(vocab_size, cfg.text)
+        self.fusion = FusionEncoder(cfg.text, context_width=cfg.vision.width)
+
+    def encode_image(self, image: torch.Tensor, patch_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.vision.forward_features(image, patch_mask)
+
+    def encode_text(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.text(ids, mask)
+
+    def fuse(self, image_tokens, text_hidden, text_mask) -> torch.Tensor:
+        """Text states attend to themselves and to the image tokens: (B,L,Wt)."""
+        return self.fusion(text_hidden, text_mask, image_tokens)
+
+    def joint_feature(self, image_tokens, text_hidden, text_mask) -> torch.Tensor:
+        """The pooled fused states ([CLS] in ALBEF)."""
+        return self.pool(self.fuse(image_tokens, text_hidden, text_mask), text_mask)
+
+    def pool(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(B,L,W) -> (B,W): the [CLS] state, or the mean over unpadded tokens (`model.text.pool`)."""
+        if self.cfg.text.pool == "cls":
+            return hidden[:, 0]
+        mask = mask[..., None].to(hidden.dtype)
+        return (hidden * mask).sum(1) / mask.sum(1)
+
+    def encoders(self) -> list[nn.Module]:
+        """The modules made of blocks, in order."""
+        return [self.vision, self.text, self.fusion]
+
+    def blocks(self) -> list[nn.Module]:
+        return [*self.vision.blocks, *self.text.layers, *self.fusion.layers]
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        for module in self.encoders():
+            module.set_grad_checkpointing(enable)
+
+
+class CrossPair(DualStream):
+    """MaskVLM Sec. 3: the dual stream's text cross-modality encoder (`fusion`, g_txt) and its mirror, the image
+    cross-modality encoder `image_fusion` (g_im: image tokens attending to themselves and to the text), as
+    `image_layers` post-norm BERT layers at the ViT's width; the ViT owns a mask token for masked images."""
+
+    def __init__(self, cfg: ModelConfig, vocab_size: int, image_layers: int):
+        super().__init__(cfg, vocab_size, mask_token=True)
+        v, t = cfg.vision, cfg.text
+        self.image_fusion = FusionEncoder(image_side(cfg, image_layers), context_width=t.width)
+        # The element-wise product of Eq. 3 needs equal widths: project the image [CLS] when they differ.
+        self.itm_image_proj = nn.Linear(v.width, t.width) if v.width != t.width else nn.Identity()
+        init_bert_(self.itm_image_proj)
+
+    def fuse_image(self, image_tokens, text_hidden, text_mask) -> torch.Tensor:
+        """g_im: (B,1+N,Wv)."""
+        return self.image_fusion(image_tokens, None, text_hidden, text_mask)
+
+    def joint_feature(self, image_tokens, text_hidden, text_mask) -> torch.Tensor:
+        """MaskVLM Eq. 3: z_im^cross * z_txt^cross, the image cross-encoder's [CLS] times the pooled text
+        cross-encoder output."""
+        image_cls = self.fuse_image(image_tokens, text_hidden, text_mask)[:, 0]
+        return self.itm_image_proj(image_cls) * self.pool(self.fuse(image_tokens, text_hidden, text_mask), text_mask)
+
+    def encoders(self) -> list[nn.Module]:
+        return [*super().encoders(), self.image_fusion]
+
+    def blocks(self) -> list[nn.Module]:
+        return [*super().blocks(), *self.image_fusion.layers]
+
+
+def image_side(cfg: ModelConfig, layers: int):
+    """The text config of BERT layers at the ViT's width (MaskVLM's image-side encoder and decoder blocks)."""
+    v = cfg.vision
+    return dataclasses.replace(cfg.text, width=v.width, heads=v.heads, intermediate=int(v.width * v.mlp_ratio),
+                               fusion_layers=layers)
