@@ -31,8 +31,11 @@ from vlpt.cli import find_config  # noqa: E402
 from vlpt.config import load_config  # noqa: E402
 from vlpt.engine.checkpoint import load_method  # noqa: E402
 from vlpt.engine.logging import read_metrics  # noqa: E402
-from vlpt.engine.trainer import autocast, build_optimizer, pick_device, train, train_step  # noqa: E402
+from vlpt.engine.fit import train_step  # noqa: E402
+from vlpt.engine.optim import build_optimizer  # noqa: E402
+from vlpt.engine.runtime import autocast, pick_device  # noqa: E402
 from vlpt.objectives.codebook import ipot  # noqa: E402
+from vlpt.pretrain import pretrain as train  # noqa: E402
 from vlpt.tasks import retrieval  # noqa: E402
 
 CODIS = "pretrain/codis_tiny.yaml"

@@ -28,7 +28,7 @@ from vlpt import methods  # noqa: E402
 from vlpt.config import load_config  # noqa: E402
 from vlpt.data.tokenizer import Tokenizer  # noqa: E402
 from vlpt.engine import checkpoint  # noqa: E402
-from vlpt.engine.trainer import autocast, pick_device  # noqa: E402
+from vlpt.engine.runtime import autocast, pick_device  # noqa: E402
 from vlpt.tasks import retrieval  # noqa: E402
 
 TINY = ROOT / "configs/pretrain/albef_tiny.yaml"

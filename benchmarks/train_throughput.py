@@ -1,9 +1,9 @@
 """Training throughput of the real pretraining step: samples/s, ms/step, peak memory, FLOPs and MFU per config.
 
-The model, optimiser, autocast and device transfer are the trainer's own (`methods.build`, `build_optimizer`,
-`autocast`) and so is the step (`train_step`, `forward_backward`). Batches are synthetic
-(random images, random token ids with a realistic padding mask, MLM ids/labels from `mask_tokens`, distinct image
-ids), so no data set is needed; `--data DIR` additionally times the trainer's loader (`train_loader`: JSON pairs
+The model, optimiser, autocast and device transfer are the engine's own (`methods.build`, `build_optimizer`,
+`autocast`) and so is the step (`train_step`, `forward_backward`); FLOPs and memory come from
+`vlpt.engine.profiling`. Batches are `vlpt.data.collate.synthetic_batches` (random images, random token ids with a
+realistic padding mask, MLM ids/labels where the method needs them, distinct image ids), so no data set is needed; `--data DIR` additionally times the trainer's loader (`train_loader`: JSON pairs
 or WebDataset shards) on its own.
 
     python benchmarks/train_throughput.py                          # albef_tiny on CPU (+ albef_base on CUDA)
@@ -20,12 +20,10 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import statistics
 import sys
 import tempfile
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -37,8 +35,11 @@ from vlpt import methods  # noqa: E402
 from vlpt.cli import find_config  # noqa: E402
 from vlpt.config import Config, load_config  # noqa: E402
 from vlpt.data import synthetic  # noqa: E402
-from vlpt.data.masking import mask_tokens  # noqa: E402
-from vlpt.engine.trainer import autocast, build_optimizer, forward_backward, pick_device, train_step  # noqa: E402
+from vlpt.data.collate import synthetic_batches as fake_batches  # noqa: E402
+from vlpt.engine.fit import train_step  # noqa: E402
+from vlpt.engine.optim import build_optimizer  # noqa: E402
+from vlpt.engine.profiling import RSSPeak, flop_batch, step_flops  # noqa: E402
+from vlpt.engine.runtime import autocast, pick_device  # noqa: E402
 
 TINY, BASE = "configs/pretrain/albef_tiny.yaml", "configs/pretrain/albef_base.yaml"
 BERT_VOCAB = 30522  # bert-base-uncased, ALBEF's vocabulary
@@ -46,111 +47,20 @@ SHAPES_VOCAB = len(synthetic.SPECIAL_TOKENS) + len(synthetic.VOCAB)
 # Vocabulary size of the synthetic batches when neither --vocab-size, --data nor model.text.pretrained gives one:
 # the data each config is meant for (the tiny model trains on the shapes data set).
 DEFAULT_VOCAB = {"albef_tiny": SHAPES_VOCAB}
-SPECIAL = {"pad": 0, "cls": 2, "sep": 3, "mask": 4}  # the shapes vocab layout: [PAD] [UNK] [CLS] [SEP] [MASK]
 H100_BF16_TFLOPS = 989.0  # dense bf16 peak of an H100 SXM (and H200)
 
 
-# ------------------------------------------------------------------------------------------- synthetic batches
 def synthetic_batches(cfg: Config, batch_size: int, vocab_size: int, n: int, pin: bool, seed: int = 0):
-    """Endless batches cycling over `n` pre-made ones; image ids are fresh every batch (distinct, as in a large
-    data set, so the ITC queue holds no false positives). Captions are 25 %..100 % of max_len long."""
-    gen = torch.Generator().manual_seed(seed)
-    size, max_len = cfg.model.vision.image_size, cfg.model.text.max_len
-    specials = sorted(SPECIAL.values()) + [1]
-    mlm = cfg.method.mlm_probability if "mlm" in cfg.method.losses else 0.0
-    made = []
-    for _ in range(n):
-        lengths = torch.randint(max(3, max_len // 4), max_len + 1, (batch_size,), generator=gen)
-        positions = torch.arange(max_len)[None]
-        mask = (positions < lengths[:, None]).long()
-        ids = torch.randint(len(specials), vocab_size, (batch_size, max_len), generator=gen)
-        ids[:, 0] = SPECIAL["cls"]
-        ids[positions.expand(batch_size, -1) == (lengths - 1)[:, None]] = SPECIAL["sep"]
-        ids[mask == 0] = SPECIAL["pad"]
-        batch = {"image": torch.randn(batch_size, 3, size, size, generator=gen), "text_ids": ids, "text_mask": mask,
-                 "skipped": torch.tensor(0)}
-        if mlm > 0:
-            batch["mlm_ids"], batch["mlm_labels"] = mask_tokens(ids, mlm, SPECIAL["mask"], vocab_size, specials, gen)
-            batch["mlm_positions"] = (batch["mlm_labels"].flatten() >= 0).nonzero().squeeze(1)  # as Collate does
-        if pin:
-            batch = {k: v.pin_memory() for k, v in batch.items()}
-        made.append(batch)
-    i = 0
-    while True:
-        yield {**made[i % n], "image_id": torch.arange(i * batch_size, (i + 1) * batch_size)}
-        i += 1
+    """The package's synthetic batches with what the config's method needs."""
+    needs = methods.check(cfg).batch_needs(cfg.method)
+    return fake_batches(cfg.model.vision.image_size, cfg.model.text.max_len, batch_size, vocab_size, n, needs,
+                        cfg.method.mlm_probability, pin, seed)
 
 
 # -------------------------------------------------------------------------------------------------- measuring
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-class RSSPeak:
-    """CPU memory: peak resident set size growth over a baseline, in bytes.
-
-    Linux: writing 5 to /proc/self/clear_refs resets the high-water mark (VmHWM) to the current RSS, so the peak
-    is measured from `reset()` on. Elsewhere (or if that file is not writable) it falls back to
-    getrusage's ru_maxrss, the peak of the whole process's life, which an earlier, larger peak can hide.
-    """
-
-    def __init__(self):
-        self.how = "VmHWM"
-        try:
-            self._clear()
-            self._status("VmHWM")
-        except OSError:
-            self.how = "ru_maxrss"
-
-    @staticmethod
-    def _clear() -> None:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-
-    @staticmethod
-    def _status(key: str) -> int:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) * 1024
-        raise OSError(f"no {key} in /proc/self/status")
-
-    def _peak(self) -> int:
-        if self.how == "VmHWM":
-            return self._status("VmHWM")
-        scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
-
-    def reset(self) -> None:
-        if self.how == "VmHWM":
-            self._clear()
-            self.base = self._status("VmRSS")
-        else:
-            self.base = self._peak()
-
-    def growth(self) -> int:
-        return self._peak() - self.base
-
-
-def flop_batch(batch_size: int, most: int) -> int:
-    """The batch the FLOPs are counted on: the largest divisor of `batch_size` not above `most`."""
-    return max(b for b in range(1, min(batch_size, most) + 1) if batch_size % b == 0)
-
-
-def step_flops(model, batches, step: int, cfg: Config, device: torch.device) -> int:
-    """FLOPs of one step's forward + backward (student and teacher passes; matmuls, convolutions and attention,
-    which FlopCounterMode counts; elementwise ops and the optimiser are not). Attention runs through the math
-    backend here so that every device's kernels are counted alike (the fused kernels do the same matmuls)."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.utils.flop_counter import FlopCounterMode
-
-    counter = FlopCounterMode(display=False)
-    eager = torch.compiler.set_stance("force_eager") if hasattr(torch.compiler, "set_stance") else nullcontext()
-    with counter, sdpa_kernel(SDPBackend.MATH), eager:  # compiled blocks run eagerly here: the same matmuls
-        forward_backward(model, batches, step, cfg, device)
-    model.zero_grad(set_to_none=True)
-    return counter.get_total_flops()
 
 
 def time_loader(cfg: Config, steps: int, warmup: int) -> float:
