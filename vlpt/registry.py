@@ -1,19 +1,21 @@
 """One registry kind for methods, tasks and visualisations: a name -> what builds it and its config dataclass.
 
-`vlpt.methods`, `vlpt.tasks` and `vlpt.viz` each hold one; importing the package registers its built-in entries, and
-a user's module can register more with the same decorator (the CLI and the config pick them up).
+`vlpt.methods`, `vlpt.tasks` and `vlpt.viz` each hold one. On first use a registry imports every module of its
+package, so a new built-in entry is a new file and nothing else; a user's module registers more with the same
+decorator once imported (the CLI and the config pick them up).
 """
 from __future__ import annotations
 
 import difflib
-from typing import Any, Callable
+import importlib
+import pkgutil
 
 from vlpt.errors import ConfigError
 
 
 class Registry:
-    def __init__(self, kind: str, load: Callable[[], Any] | None = None):
-        self.kind, self._load, self._entries = kind, load, {}
+    def __init__(self, kind: str, package: str = ""):
+        self.kind, self._package, self._entries = kind, package, {}
 
     def register(self, name: str, config: type | None = None):
         """Decorator: `@methods.register("albef", ALBEFConfig)`; sets `.name` and `.config` on what it registers."""
@@ -31,9 +33,10 @@ class Registry:
         self._entries.pop(name, None)
 
     def _loaded(self) -> dict:
-        if self._load is not None:
-            self._load, load = None, self._load
-            load()  # imports the built-in entries (they register themselves)
+        if self._package:  # import the package's modules once: the built-in entries register themselves
+            package, self._package = importlib.import_module(self._package), ""
+            for module in pkgutil.iter_modules(package.__path__):
+                importlib.import_module(f"{package.__name__}.{module.name}")
         return self._entries
 
     def names(self) -> list[str]:

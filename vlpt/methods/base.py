@@ -16,7 +16,7 @@ from torch import nn
 
 from vlpt.config import Config, ConfigError, MethodConfig
 from vlpt.data.masking import mask_image_regions
-from vlpt.engine import distributed
+from vlpt.engine import distributed, rng
 from vlpt.models.backbone import DualStream
 from vlpt.models.momentum import MomentumTeacher
 from vlpt.models.text import MLMHead, init_bert_, load_bert_weights
@@ -24,11 +24,7 @@ from vlpt.objectives.contrastive import FeatureQueues
 from vlpt.registry import Registry
 
 
-def _builtins() -> None:
-    from vlpt.methods import albef, cbvila, codis, maskvlm  # noqa: F401  (each registers itself)
-
-
-registry = Registry("method", load=_builtins)
+registry = Registry("method", package="vlpt.methods")
 register = registry.register
 
 
@@ -181,7 +177,7 @@ class Method(nn.Module):
         """Patch mask (n_local, N) bool, True = masked: `ratio` of the square regions of `region` x `region` patches
         of each image, from a (seed, step) generator over the global batch, this rank's rows taken (so N ranks
         mask what one process would)."""
-        gen = torch.Generator(device).manual_seed(self.cfg.train.seed * 1_000_003 + step)  # drawn on the device:
+        gen = rng.generator("image_mask", self.cfg.train.seed, step, device=device)  # drawn on the device:
         mask = mask_image_regions(n_local * distributed.world_size(), self.backbone.vision.grid, region, ratio, gen)
         return mask[distributed.local_rows(n_local)]                                  # no copy, no sync
 

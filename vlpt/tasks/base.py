@@ -22,11 +22,7 @@ from vlpt.errors import VlptError
 from vlpt.registry import Registry
 
 
-def _builtins() -> None:
-    from vlpt.tasks import retrieval  # noqa: F401  (each registers itself)
-
-
-registry = Registry("task", load=_builtins)
+registry = Registry("task", package="vlpt.tasks")
 register = registry.register
 
 

@@ -8,11 +8,7 @@ from vlpt.errors import VlptError
 from vlpt.registry import Registry
 
 
-def _builtins() -> None:
-    from vlpt.viz import commands  # noqa: F401  (registers the built-in pictures)
-
-
-registry = Registry("visualisation", load=_builtins)
+registry = Registry("visualisation", package="vlpt.viz")
 register = registry.register
 
 
