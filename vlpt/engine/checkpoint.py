@@ -129,13 +129,19 @@ def load_config(path: Path) -> dict:
     values = yaml.safe_load((path / CONFIG).read_text())
     if read_meta(path)["format"] == 1:
         from vlpt import methods
-        from vlpt.config import describe
-        cls = getattr(methods.registry.get(values["method"]["name"]), "config")
-        known = {key.split(".")[0] for key, _, _ in describe(cls)}
-        values["method"] = {k: v for k, v in values["method"].items() if k in known}
+        values["method"] = known_keys(values["method"], methods.registry.get(values["method"]["name"]).config)
         values.get("optim", {})["module_lr"] = {f"backbone.{k}" if k in ("vision", "text", "fusion") else k: v
                                                 for k, v in values.get("optim", {}).get("module_lr", {}).items()}
     return values
+
+
+def known_keys(values: dict, cls) -> dict:
+    """`values` without the keys dataclass `cls` (and its nested sections) does not declare."""
+    import dataclasses
+    from typing import get_type_hints
+    hints = get_type_hints(cls)
+    return {k: known_keys(v, hints[k]) if dataclasses.is_dataclass(hints[k]) and isinstance(v, dict) else v
+            for k, v in values.items() if k in hints}
 
 
 def migrate_keys(weights: dict, legacy_keys: dict[str, str]) -> dict:
@@ -157,6 +163,12 @@ def load_weights(path: Path, model: torch.nn.Module, strict: bool = True) -> tup
         raise ValueError(f"corrupt checkpoint weights {path / WEIGHTS}: {err}") from None
     if read_meta(path)["format"] == 1:
         weights = migrate_keys(weights, getattr(model, "legacy_keys", {}))
+    own = model.state_dict()
+    wrong = [f"{k} {tuple(v.shape)} (the model's: {tuple(own[k].shape)})" for k, v in weights.items()
+             if k in own and v.shape != own[k].shape]
+    if wrong:
+        raise ValueError(f"{path}: {len(wrong)} weights have another shape than this config's model (another "
+                         f"model size or method?): {'; '.join(wrong[:4])}")
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if strict and (missing or unexpected):
         raise ValueError(f"{path}: weights do not match the model ({len(missing)} missing: {missing[:5]}; "
@@ -167,8 +179,8 @@ def load_weights(path: Path, model: torch.nn.Module, strict: bool = True) -> tup
 def load_state(path: Path) -> dict:
     if read_meta(path)["format"] == 1:
         raise ValueError(f"{path} is a format 1 checkpoint (before backbones): its weights load for evaluation and "
-                         f"finetuning, but its optimiser state does not fit this vlpt; start a new run from it with "
-                         f"model weights only, or resume it with vlpt 0.1.0 at commit a6bf737")
+                         f"finetuning, but its optimiser state does not fit this vlpt's parameter groups: resume it "
+                         f"with vlpt at commit a6bf737")
     return torch.load(path / STATE, map_location="cpu", weights_only=False)
 def load_method(path: str | Path, device="cpu"):
     """(method in eval mode, its Config, its Tokenizer) from a checkpoint or run folder."""
