@@ -132,6 +132,7 @@ class TrainConfig:
     threads: int = opt(0, "torch intra-op threads on CPU; 0 keeps torch's default")
     resume: str = opt("", "checkpoint folder, or 'latest' in train.out, to resume from")
     progress: bool = opt(True, "show a tqdm progress bar")
+    tensorboard: bool = opt(True, "also write the logged metrics as TensorBoard events in <train.out>/tensorboard")
     parallel: Literal["ddp", "fsdp"] = opt("ddp", "how torchrun ranks share the model: ddp (full replicas, gradients all-reduced) or fsdp "
                         "(FSDP2 fully_shard per transformer block: weights, gradients, AdamW state sharded)")
     compile: bool = opt(False, "torch.compile each transformer block and the MLM head (student and teacher)")

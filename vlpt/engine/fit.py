@@ -76,7 +76,7 @@ def fit(model: torch.nn.Module, cfg: Config, device: torch.device, batches_from:
 
     accumulate = cfg.optim.accumulate
     loader = batches_from(step * accumulate)
-    log = MetricsLog(out, main)
+    log = MetricsLog(out, main, cfg.train.tensorboard)
     save_config = cfg.to_dict()
 
     def save(at: int, as_best: bool = False) -> None:
@@ -141,4 +141,5 @@ def fit(model: torch.nn.Module, cfg: Config, device: torch.device, batches_from:
         if step % cfg.train.save_every == 0 or step == cfg.train.steps or as_best:
             save(step, as_best)
     bar.close()
+    log.close()
     return out
