@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from vlpt.data.masking import IGNORE, mask_tokens, masked_positions
 from vlpt.data.tokenizer import SPECIALS, Tokenizer
+from vlpt.engine import rng
 
 NEEDS = frozenset({"mlm"})  # what a method may ask for beyond image, text and image_id
 
@@ -50,7 +51,7 @@ class Collate:
             batch["mlm_ids"], batch["mlm_labels"] = ids.clone(), torch.full_like(ids, IGNORE)
             t = self.tokenizer
             for row, (n, s) in enumerate(zip(mask.sum(1).tolist(), samples)):
-                gen = torch.Generator().manual_seed(self.seed * 1_000_003 + s["draw"])
+                gen = rng.generator("mlm_mask", self.seed, s["draw"])
                 batch["mlm_ids"][row, :n], batch["mlm_labels"][row, :n] = mask_tokens(
                     ids[row, :n], self.mlm_probability, t.mask_id, t.vocab_size, t.special_ids, gen, self.mask_only)
             batch["mlm_positions"] = masked_positions(batch["mlm_labels"])

@@ -9,7 +9,8 @@ from torch.utils.data import DataLoader, Dataset
 from vlpt.data.annotations import ImageError, load_annotations, load_image
 from vlpt.data.collate import Collate
 from vlpt.data.tokenizer import Tokenizer
-from vlpt.data.transforms import image_transform
+from vlpt.data.transforms import image_transform, transform_seeded
+from vlpt.engine import rng
 
 
 class PairDataset(Dataset):
@@ -20,8 +21,10 @@ class PairDataset(Dataset):
     next record's and counted in `skipped`; otherwise it raises ImageError naming the file.
     """
 
-    def __init__(self, records: list[dict], root: str | Path, transform, skip_bad: bool = False):
+    def __init__(self, records: list[dict], root: str | Path, transform, skip_bad: bool = False,
+                 augment_seed: int | None = None):
         self.records, self.root, self.transform, self.skip_bad = records, Path(root), transform, skip_bad
+        self.augment_seed = augment_seed  # with augmentation: each draw's crop and ops seeded by (seed, draw)
         ids = {path: i for i, path in enumerate(dict.fromkeys(r["image"] for r in records))}
         self.image_ids = [int(r.get("image_id", ids[r["image"]])) for r in records]
 
@@ -42,7 +45,11 @@ class PairDataset(Dataset):
             caption = record["caption"]
             if isinstance(caption, list):
                 caption = caption[draw % len(caption)]
-            return {"image": self.transform(image), "text": caption, "image_id": self.image_ids[i],
+            if self.augment_seed is not None:
+                pixels = transform_seeded(self.transform, image, rng.seed_of("augment", self.augment_seed, draw))
+            else:
+                pixels = self.transform(image)
+            return {"image": pixels, "text": caption, "image_id": self.image_ids[i],
                     "draw": draw, "skipped": skipped}
         raise ImageError(f"no readable image among the {len(self.records)} records under {self.root}")
 
@@ -89,7 +96,7 @@ class ResumableSampler:
 def pair_loader(records: list[dict], root, collate: Collate, *, image_size: int, batch_size: int, seed: int,
                 rank: int = 0, world: int = 1, start: int = 0, num_workers: int = 0, augment: bool = False,
                 skip_bad: bool = False) -> DataLoader:
-    dataset = PairDataset(records, root, image_transform(image_size, augment), skip_bad)
+    dataset = PairDataset(records, root, image_transform(image_size, augment), skip_bad, seed if augment else None)
     sampler = ResumableSampler(len(dataset), batch_size, seed, rank, world, start)
     return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate,
                       pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0,

@@ -64,7 +64,8 @@ from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_itera
 from vlpt.config import ConfigError
 from vlpt.data.annotations import AnnotationError, ImageError, load_annotations, load_image
 from vlpt.data.collate import Collate, merge
-from vlpt.data.transforms import image_transform
+from vlpt.data.transforms import image_transform, transform_seeded
+from vlpt.engine import rng
 
 INDEX = "index.json"
 IMAGE_EXTENSIONS = ("jpg", "png", "webp", "jpeg")  # stored as found; other formats are re-encoded as png
@@ -426,9 +427,7 @@ class ShardStream(IterableDataset):
                 if isinstance(caption, list):
                     caption = caption[draw % len(caption)]
                 if self.augment:  # seeded by the draw: the same crop whichever rank or worker decodes it
-                    with torch.random.fork_rng(devices=[]):
-                        torch.manual_seed(self.seed * 1_000_003 + draw)
-                        image = self.transform(image)
+                    image = transform_seeded(self.transform, image, rng.seed_of("augment", self.seed, draw))
                 else:
                     image = self.transform(image)
                 offset = self.sources[raw["__url__"]] * SOURCE_ID_STRIDE if self.source_ids else 0

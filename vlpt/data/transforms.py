@@ -171,3 +171,11 @@ def denormalize(x):
     mean = x.new_tensor(MEAN)[:, None, None]
     std = x.new_tensor(STD)[:, None, None]
     return (x * std + mean).clamp(0, 1)
+
+
+def transform_seeded(transform, image, seed: int):
+    """`transform(image)` with torch's global RNG seeded to `seed` and restored after: an augmented sample is the same
+    whichever process, rank or worker decodes it, and after a resume."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return transform(image)

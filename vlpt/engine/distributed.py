@@ -7,6 +7,8 @@ import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
 
+from vlpt.engine import rng
+
 try:  # torch >= 2.5
     from torch.distributed.tensor import DTensor
 except ImportError:  # pragma: no cover
@@ -34,7 +36,7 @@ def seed_rank(seed: int) -> None:
     the loader workers' augmentation then draw independently on each rank's slice of the batch instead of repeating
     rank 0's draws. Rank 0, and a single process, keep their stream."""
     if rank() > 0:
-        torch.manual_seed(seed * 1_000_003 + rank())
+        torch.manual_seed(rng.seed_of("rank", seed, rank()))
 
 
 def init(device: torch.device) -> None:

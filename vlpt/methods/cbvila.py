@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from vlpt.config import MethodConfig, opt
-from vlpt.engine import distributed
+from vlpt.engine import distributed, rng
 from vlpt.methods import steps
 from vlpt.methods.base import Method, register
 from vlpt.models.text import init_bert_
@@ -142,7 +142,7 @@ class CBViLA(Method):
         if self.cfg.method.cbvila.dead_after > 0:
             flat = v.detach().flatten(0, 1)
             n = len(flat)
-            gen = torch.Generator(flat.device).manual_seed(self.cfg.train.seed * 7_368_787 + step)
+            gen = rng.generator("codebook_restart", self.cfg.train.seed, step, device=flat.device)
             total = n * distributed.world_size()  # distinct tokens where there are enough: no twin codewords
             pick = torch.randperm(total, generator=gen, device=flat.device)[:size] if total >= size else \
                 torch.randint(total, (size,), generator=gen, device=flat.device)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from vlpt.data.masking import masked_positions
-from vlpt.engine import distributed
+from vlpt.engine import distributed, rng
 from vlpt.objectives.contrastive import alignment_loss
 from vlpt.objectives.masked_language import mlm_loss
 from vlpt.objectives.matching import itm_loss, sample_hard_negatives
@@ -78,7 +78,7 @@ def itm(method, f: Features, step: int) -> torch.Tensor:
     with torch.no_grad():
         sim_i2t = f.image_feat @ f.text_keys[:n_all].t() / temp
         sim_t2i = f.text_feat @ f.image_keys[:n_all].t() / temp
-        gen = torch.Generator(sim_i2t.device).manual_seed(method.cfg.train.seed * 7919 + step)
+        gen = rng.generator("itm_negatives", method.cfg.train.seed, step, device=sim_i2t.device)
         noise = torch.rand(2, n_all, n_all, generator=gen, device=sim_i2t.device)[:, distributed.local_rows(n_local)]
         positives = f.positives[:, :n_all]
         neg_image = sample_hard_negatives(sim_t2i, positives, noise[0])
