@@ -128,12 +128,17 @@ def test_unknown_key_in_yaml_file(tmp_path):
     ("train.progress=maybe", "train.progress"),
     ("method.losses=itc", "method.losses"),
     ("method.loss_weights=[1]", "method.loss_weights"),
-    ("train.out=[a]", "train.out"),
     ("model.text=3", "model.text"),
 ])
 def test_wrong_type_names_the_key(override, key):
     with pytest.raises(ConfigError, match=f"'{key}'"):
         load_config(overrides=[override])
+
+
+def test_a_str_key_takes_an_override_as_text_but_not_a_yaml_list(tmp_path):
+    assert load_config(overrides=["train.out=[a]"]).train.out == "[a]"  # overrides: a str key's text as it is
+    with pytest.raises(ConfigError, match="'train.out'"):
+        load_config(write(tmp_path / "c.yaml", "train: {out: [a]}\n"))  # YAML files stay YAML
 
 
 def test_malformed_overrides_and_files(tmp_path):

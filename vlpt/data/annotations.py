@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
+
+from vlpt.errors import VlptError
 
 # Fields every record of a task must have (ALBEF's released formats).
 REQUIRED = {
@@ -18,7 +21,7 @@ REQUIRED = {
 }
 
 
-class AnnotationError(ValueError):
+class AnnotationError(VlptError, ValueError):
     pass
 
 
@@ -40,10 +43,47 @@ def load_annotations(path: str | Path, task: str = "pretrain") -> list[dict]:
         if missing:
             raise AnnotationError(f"{path}: record {i} lacks {', '.join(missing)} (a {task} record needs "
                                   f"{', '.join(REQUIRED[task])})")
+        if task == "pretrain" and isinstance(record.get("image_id"), (list, dict)):
+            raise AnnotationError(f"{path}: record {i} has image_id {json.dumps(record['image_id'])}; an image id is "
+                                  f"a number or a string")
     return records
 
 
-class ImageError(OSError):
+def integer_id(value) -> int | None:
+    """An image id that is an integer already: an int (a bool is not), an integral float, or the decimal text of an
+    int ("391895", read as 391895 as it always was; not "0391895"); None for any other value (text such as
+    "coco_391895", other numbers, booleans, null)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str) and re.fullmatch(r"-?(0|[1-9][0-9]*)", value):
+        return int(value)
+    return None
+
+
+def image_ids(records: list[dict]) -> list[int]:
+    """One integer image id per pretraining record, the same for the JSON path and the shards `vlpt data shard`
+    writes: an integer id (`integer_id`) stays as it is; each distinct other id ("coco_391895") and, for records
+    without one, each distinct image path gets its own integer, in order of first appearance, counting up from above
+    the file's largest integer id (and from 0 at least, below which the ITC queues mark empty slots): two captions
+    of one image share an id, two images never do."""
+    ints = [integer_id(r.get("image_id")) for r in records]
+    start = max([0, *(i + 1 for i in ints if i is not None)])
+    mapped: dict[tuple, int] = {}
+    out = []
+    for record, value in zip(records, ints):
+        if value is None:
+            raw = record.get("image_id")
+            key = ("image", record["image"]) if raw is None else ("id", type(raw).__name__, raw)
+            value = mapped.setdefault(key, start + len(mapped))
+        out.append(value)
+    return out
+
+
+class ImageError(VlptError, OSError):
     pass
 
 

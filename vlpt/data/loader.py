@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from vlpt.data.annotations import ImageError, load_annotations, load_image
+from vlpt.data.annotations import ImageError, image_ids, load_annotations, load_image
 from vlpt.data.collate import Collate
 from vlpt.data.tokenizer import Tokenizer
 from vlpt.data.transforms import image_transform, transform_seeded
@@ -25,8 +25,7 @@ class PairDataset(Dataset):
                  augment_seed: int | None = None):
         self.records, self.root, self.transform, self.skip_bad = records, Path(root), transform, skip_bad
         self.augment_seed = augment_seed  # with augmentation: each draw's crop and ops seeded by (seed, draw)
-        ids = {path: i for i, path in enumerate(dict.fromkeys(r["image"] for r in records))}
-        self.image_ids = [int(r.get("image_id", ids[r["image"]])) for r in records]
+        self.image_ids = image_ids(records)  # string ids ("coco_391895") mapped per file, as `vlpt data shard` does
 
     def __len__(self) -> int:
         return len(self.records)

@@ -5,6 +5,8 @@ A sample is `{key}.json` (the annotation record: caption, image_id, the image's 
 `{key}.png`, ... (the image file's bytes as they were, never re-encoded, so both paths decode the same pixels; other
 formats are stored as png). Each shard folder has an `index.json` with every shard's sample count; shards without
 one (written by other tools) are counted from their tar headers at start. A json without a caption takes `{key}.txt`.
+The writer maps image ids as the JSON path does (`annotations.image_ids`: a string id such as "coco_391895" becomes
+an integer of its own in the file, kept as written under `image_id_original`), so both paths give the same ids.
 
 Why streams: tar shards are read front to back, so the run cannot draw samples at random from the whole set as the
 JSON path does and still have each rank read only what it uses. Instead the order is a seeded function of
@@ -44,11 +46,11 @@ and json only are read); point `data.vocab` at a vocab file for large sets.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import random
 import tarfile
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -62,15 +64,21 @@ from webdataset import TarWriter
 from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_iterator
 
 from vlpt.config import ConfigError
-from vlpt.data.annotations import AnnotationError, ImageError, load_annotations, load_image
+from vlpt.data.annotations import AnnotationError, ImageError, image_ids, integer_id, load_annotations, load_image
 from vlpt.data.collate import Collate, merge
 from vlpt.data.transforms import image_transform, transform_seeded
 from vlpt.engine import rng
+from vlpt.errors import VlptError
 
 INDEX = "index.json"
 IMAGE_EXTENSIONS = ("jpg", "png", "webp", "jpeg")  # stored as found; other formats are re-encoded as png
 MAX_AUTO_STREAMS = 64
 SOURCE_ID_STRIDE = 1 << 40  # image ids of source s > 0 are offset by s * this, so sources never share an image id
+ID_SPACE = 1 << 63  # image ids are int64 tensors; hashed ids lie in [0, ID_SPACE)
+
+
+class ShardNotFoundError(VlptError, FileNotFoundError):
+    """A shard that data.train names does not exist (one line on the command line, before any work)."""
 
 
 # --- writing ------------------------------------------------------------------------------------------------------
@@ -91,7 +99,7 @@ def write_shards(annotations: str | Path, images: str | Path | None = None, out:
     if out.is_dir() and (any(out.glob("*.tar")) or (out / INDEX).exists()):
         raise FileExistsError(f"{out} already holds shards; remove them or choose another output folder")
     out.mkdir(parents=True, exist_ok=True)
-    first = {path: i for i, path in enumerate(dict.fromkeys(r["image"] for r in records))}  # as the JSON path
+    ids = image_ids(records)  # as the JSON path: string ids mapped per file, records without one per image path
     order = list(range(len(records)))
     if shuffle:
         random.Random(f"vlpt-shard-writer:{seed}").shuffle(order)
@@ -130,7 +138,9 @@ def write_shards(annotations: str | Path, images: str | Path | None = None, out:
                 buffer = io.BytesIO()
                 load_image(path).save(buffer, format="PNG")
                 data, ext = buffer.getvalue(), "png"
-            meta = {**record, "image_id": int(record.get("image_id", first[record["image"]]))}
+            meta = {**record, "image_id": ids[index]}
+            if record.get("image_id") is not None and integer_id(record["image_id"]) is None:
+                meta["image_id_original"] = record["image_id"]
             writer.write({"__key__": f"{index:0{width}d}", ext: data, "json": json.dumps(meta).encode()})
             counts[name] += 1
     finally:
@@ -218,7 +228,7 @@ class ShardSet:
         missing = [p for p in paths if not p.is_file()]
         if missing:
             more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-            raise FileNotFoundError(f"shard not found: {missing[0]}{more}")
+            raise ShardNotFoundError(f"shard not found: {missing[0]}{more}")
         indexes: dict[Path, dict[str, int]] = {}
         counts = []
         for p in paths:
@@ -274,7 +284,7 @@ def read_shard(path: Path, n: int, skip: int = 0) -> Iterator[dict]:
                     yield sample
                 got += 1
     except FileNotFoundError:
-        raise FileNotFoundError(f"shard not found: {path}") from None
+        raise ShardNotFoundError(f"shard not found: {path}") from None
     except (tarfile.TarError, EOFError, OSError, ValueError):
         pass  # a truncated or damaged shard: what follows is missing
     for _ in range(max(got, skip), n):
@@ -302,11 +312,19 @@ def decode(raw: dict) -> tuple[Image.Image, dict] | None:
 
 
 def image_id(record: dict, raw: dict) -> int:
-    """The record's integer image_id; else a hash of its image_id, its image path or its key."""
-    try:
-        return int(record["image_id"])
-    except (KeyError, ValueError, TypeError):
-        return zlib.crc32(str(record.get("image_id", record.get("image", raw["__key__"]))).encode()) & 0x7FFFFFFF
+    """The record's integer image_id (`vlpt data shard` writes one for every record, mapped per file as the JSON path
+    maps them). Shards written by other tools may hold another id ("coco_391895") or none: then a 63-bit hash of the
+    id, else of the image path, else of the key. Two of n distinct hashed images share an id with probability about
+    n^2 / 2^64 (5e-8 for a million, 5e-4 for 100 million), and then only confuse ITC when they meet in a batch or
+    the queues."""
+    value = integer_id(record.get("image_id"))
+    if value is not None:
+        return value
+    if record.get("image_id") is not None:
+        name = "id:" + json.dumps(record["image_id"])
+    else:
+        name = "image:" + str(record["image"]) if record.get("image") is not None else "key:" + str(raw["__key__"])
+    return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "big") % ID_SPACE
 
 
 class Stream:
@@ -431,7 +449,9 @@ class ShardStream(IterableDataset):
                 else:
                     image = self.transform(image)
                 offset = self.sources[raw["__url__"]] * SOURCE_ID_STRIDE if self.source_ids else 0
-                out.append({"image": image, "text": caption, "image_id": image_id(record, raw) + offset,
+                ident = image_id(record, raw) + offset
+                ident -= ID_SPACE if ident >= ID_SPACE else 0  # a hashed id of a later source wraps, an int64 still
+                out.append({"image": image, "text": caption, "image_id": ident,
                             "draw": draw, "skipped": skipped})
         return out
 
@@ -468,11 +488,11 @@ def shard_loader(shards: ShardSet, collate: Collate, *, image_size: int, batch_s
     """Batches of `batch_size` for `rank` of `world`, from global batch `start` on (see the module docstring)."""
     global_batch = batch_size * world
     streams = streams or auto_streams(global_batch)
-    if streams < 1 or global_batch % streams:
-        raise ConfigError(f"data.streams={streams} does not divide the global batch of {global_batch} "
-                          f"(data.batch_size={batch_size} x {world} processes)")
+    if streams < 1 or global_batch % streams:  # the one data rule that needs the world size (config.py: the rest)
+        raise ConfigError(f"config key 'data.streams' must divide the global batch of {global_batch} "
+                          f"(data.batch_size={batch_size} x {world} processes), or be 0; got {streams}")
     if shuffle_block < 1:
-        raise ConfigError(f"data.shuffle_block must be at least 1; got {shuffle_block}")
+        raise ConfigError(f"config key 'data.shuffle_block' must be >= 1; got {shuffle_block}")
     parts = rank_parts(streams, global_batch, rank, batch_size)
     lanes = min(num_workers, len(parts)) if num_workers > 0 else 1
     dataset = ShardStream(shards, parts, lanes, global_batch=global_batch, streams=streams, start=start, seed=seed,

@@ -31,7 +31,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from vlpt.config import MethodConfig, opt
+from vlpt.config import ABOVE_ZERO, NON_NEGATIVE, POSITIVE, UNIT, MethodConfig, opt
 from vlpt.engine import distributed, rng
 from vlpt.methods import steps
 from vlpt.methods.base import Method, register
@@ -42,7 +42,7 @@ from vlpt.objectives.masked_image import codeword_mim_loss, patchify, pixel_mse
 
 @dataclass
 class VQCodebookConfig:
-    size: int = opt(3000, "codewords K (CB-ViLA: 3,000)")
+    size: int = opt(3000, "codewords K (CB-ViLA: 3,000)", POSITIVE)
 
 
 @dataclass
@@ -50,13 +50,14 @@ class CBViLAOptions:
     estimator: Literal["gumbel", "straight_through"] = opt(
         "gumbel", "gradient of the nearest-codeword look-up: gumbel (softmax over -distance, CB-ViLA Sec. III-A) or "
         "straight_through (VQ-VAE)")
-    gumbel_temperature: float = opt(1.0, "temperature of the gumbel-softmax over negative mean squared distances")
-    beta: float = opt(0.25, "commitment weight beta of Eq. 3 (VQ-VAE: 0.25)")
-    image_ratio: float = opt(0.75, "fraction of visual tokens masked for MIM (CB-ViLA, after MAE: 0.75)")
+    gumbel_temperature: float = opt(1.0, "temperature of the gumbel-softmax over negative mean squared distances",
+                                    ABOVE_ZERO)
+    beta: float = opt(0.25, "commitment weight beta of Eq. 3 (VQ-VAE: 0.25)", NON_NEGATIVE)
+    image_ratio: float = opt(0.75, "fraction of visual tokens masked for MIM (CB-ViLA, after MAE: 0.75)", UNIT)
     warmup_steps: int = opt(1000, "codebook warm-up: steps that train only ITM (+ITC) and the pixel/codebook terms "
-                            "before MIM and MLM join (Sec. IV-C); only when a codebook term is trained")
+                            "before MIM and MLM join (Sec. IV-C); only when a codebook term is trained", NON_NEGATIVE)
     dead_after: int = opt(100, "steps a codeword may go unused before it is re-initialised from encoder outputs; "
-                          "0 disables")
+                          "0 disables", NON_NEGATIVE)
 
 
 @dataclass

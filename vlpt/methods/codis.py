@@ -11,7 +11,7 @@ from typing import Literal
 
 import torch
 
-from vlpt.config import MethodConfig, opt
+from vlpt.config import ABOVE_ZERO, POSITIVE, MethodConfig, opt
 from vlpt.engine import distributed
 from vlpt.methods import steps
 from vlpt.methods.base import Method, register
@@ -20,10 +20,10 @@ from vlpt.objectives.codebook import PrototypeCodebook
 
 @dataclass
 class CodebookConfig:
-    size: int = opt(4000, "codewords K (CODIS: 4,000)")
-    epsilon: float = opt(0.1, "IPOT proximal (entropic) weight epsilon")
-    outer_iters: int = opt(20, "IPOT outer (proximal point) iterations")
-    inner_iters: int = opt(1, "IPOT inner (Sinkhorn) iterations per outer one")
+    size: int = opt(4000, "codewords K (CODIS: 4,000)", POSITIVE)
+    epsilon: float = opt(0.1, "IPOT proximal (entropic) weight epsilon", ABOVE_ZERO)
+    outer_iters: int = opt(20, "IPOT outer (proximal point) iterations", POSITIVE)
+    inner_iters: int = opt(1, "IPOT inner (Sinkhorn) iterations per outer one", POSITIVE)
     swapped: bool = opt(True, "supervise each modality's prediction with the other modality's plan (CODIS text, "
                         "Fig. 3); false: same modality (Alg. 1)")
     plan_features: Literal["teacher", "student"] = opt("teacher", "features the transport plans are solved from: "

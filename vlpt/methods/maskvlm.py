@@ -29,7 +29,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from vlpt.config import ConfigError, MethodConfig, opt
+from vlpt.config import MLM_PROBABILITY, POSITIVE, UNIT, MethodConfig, fail, opt
 from vlpt.engine import distributed
 from vlpt.methods import steps
 from vlpt.methods.base import Method, register
@@ -42,11 +42,12 @@ from vlpt.objectives.masked_image import mim_loss, patchify
 @dataclass
 class MaskVLMOptions:
     image_cross_layers: int = opt(3, "blocks of the image cross-modality encoder (image self-attention + "
-                                  "cross-attention to text; MaskVLM: 3)")
+                                  "cross-attention to text; MaskVLM: 3)", POSITIVE)
     decoder_layers: int = opt(3, "cross-attention blocks of the image cross-modality decoder before its linear map "
-                              "to pixels (MaskVLM: 3)")
-    image_ratio: float = opt(0.6, "fraction of image regions masked for MIM (MaskVLM: 0.6, Table 7)")
-    region: int = opt(32, "side in pixels of a square masked image region, a multiple of the patch size (MaskVLM: 32)")
+                              "to pixels (MaskVLM: 3)", POSITIVE)
+    image_ratio: float = opt(0.6, "fraction of image regions masked for MIM (MaskVLM: 0.6, Table 7)", UNIT)
+    region: int = opt(32, "side in pixels of a square masked image region, a multiple of the patch size that divides "
+                         "the image size (MaskVLM: 32)", POSITIVE)
     masking: Literal["one", "both"] = opt("one", "one: MLM from (image, masked text) and MIM from (masked image, text) "
                                           "(Eq. 1, A.3); both: both from (masked image, masked text)")
     fusion_init: Literal["bert", "fresh"] = opt("bert", "with model.text.pretrained: the text cross-modality blocks "
@@ -56,9 +57,16 @@ class MaskVLMOptions:
 
 @dataclass
 class MaskVLMConfig(MethodConfig):
-    mlm_probability: float = opt(0.3, "fraction of text tokens masked for MLM (MaskVLM: 0.3, Table 7)")
+    mlm_probability: float = opt(0.3, "fraction of text tokens masked for MLM (MaskVLM: 0.3, Table 7)", MLM_PROBABILITY)
     mlm_mask_only: bool = opt(True, "every masked token becomes [MASK] (MaskVLM Sec. 3.1)")
     maskvlm: MaskVLMOptions = field(default_factory=MaskVLMOptions)
+
+    def validate(self, prefix: str, root) -> None:
+        super().validate(prefix, root)
+        v, region = root.model.vision, self.maskvlm.region  # the regions tile the patch grid
+        if region % v.patch_size or v.image_size % region:
+            fail(f"{prefix}maskvlm.region", f"a multiple of model.vision.patch_size ({v.patch_size}) that divides "
+                 f"model.vision.image_size ({v.image_size})", region)
 
 
 @register("maskvlm", MaskVLMConfig)
@@ -70,10 +78,7 @@ class MaskVLM(Method):
                    "itm_image_proj.": "backbone.itm_image_proj.", "mask_token": "backbone.vision.mask_token"}
 
     def __init__(self, cfg, vocab_size: int):
-        v, mv = cfg.model.vision, cfg.method.maskvlm
-        if mv.region % v.patch_size or v.image_size % mv.region:
-            raise ConfigError(f"method.maskvlm.region={mv.region} must be a multiple of the patch size "
-                              f"{v.patch_size} and divide the image size {v.image_size}")
+        v, mv = cfg.model.vision, cfg.method.maskvlm  # method.maskvlm.region is checked by MaskVLMConfig.validate
         super().__init__(cfg, vocab_size, CrossPair(cfg.model, vocab_size, mv.image_cross_layers))
         self.decoder = FusionEncoder(image_side(cfg.model, mv.decoder_layers), context_width=cfg.model.text.width)
         self.to_pixels = nn.Linear(v.width, v.patch_size * v.patch_size * 3)
