@@ -1,6 +1,7 @@
 """A tiny model for tests that train: configs built from a shipped preset with small overrides."""
 from __future__ import annotations
 
+import traceback
 from pathlib import Path
 
 import vlpt.cli
@@ -20,3 +21,20 @@ def overrides(root: Path, out: Path, *extra: str) -> list[str]:
 
 def config(root: Path, out: Path, *extra: str, preset: str = CONFIG):
     return load_config(vlpt.cli.find_config(preset), overrides(root, out, *extra))
+
+
+def cli_error(argv: list[str], capsys) -> str:
+    """The one line a command that must fail prints: it exits with code 2 (vlpt's own errors) and writes
+    `vlpt: error: ...` to stderr."""
+    import pytest
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as excinfo:
+        vlpt.cli.main(argv)
+    assert excinfo.value.code == 2, excinfo.value.code
+    error = excinfo.value  # free the frames it keeps (a DataLoader with workers would wait 5 s to join later)
+    while error is not None:
+        traceback.clear_frames(error.__traceback__)
+        error = error.__context__
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("vlpt: error: ") and "\n" not in err, err
+    return err

@@ -19,7 +19,7 @@ from vlpt.data.loader import ResumableSampler, load_pairs, pair_loader
 from vlpt.data.tokenizer import Tokenizer
 from vlpt.engine.logging import read_metrics
 from vlpt.pretrain import pretrain as train
-from helpers import CONFIG, config, overrides
+from helpers import CONFIG, cli_error, config, overrides
 
 
 
@@ -47,7 +47,7 @@ def release(excinfo) -> None:
 
 
 @pytest.mark.parametrize("num_workers", [0, 1])
-def test_missing_image_fails_naming_the_file(data_copy, tmp_path, num_workers):
+def test_missing_image_fails_naming_the_file(data_copy, tmp_path, num_workers, capsys):
     image = data_copy / first_batch_image(data_copy)
     image.unlink()
     with pytest.raises(ImageError, match="not found") as err:
@@ -56,11 +56,10 @@ def test_missing_image_fails_naming_the_file(data_copy, tmp_path, num_workers):
     assert str(image) in str(err.value)
 
     # The CLI turns it into a one-line message, not a traceback, also when a worker raised it.
-    with pytest.raises(SystemExit) as err:
-        vlpt.cli.main(["pretrain", "--config", CONFIG,
-                       *overrides(data_copy, tmp_path / "cli", "train.steps=1", f"data.num_workers={num_workers}")])
-    release(err)
-    assert err.value.code == f"vlpt: error: image not found: {image}"
+    message = cli_error(["pretrain", "--config", CONFIG,
+                         *overrides(data_copy, tmp_path / "cli", "train.steps=1", f"data.num_workers={num_workers}")],
+                        capsys)
+    assert message == f"vlpt: error: image not found: {image}"
 
 
 def test_corrupt_image_fails_or_is_skipped_and_counted(data_copy, tmp_path):
@@ -95,7 +94,7 @@ def test_skipping_when_no_image_is_readable_fails_clearly(data_copy, tmp_path):
 
 # --- annotations -------------------------------------------------------------------------------------------------
 
-def test_malformed_json_names_file_line_and_column(data_copy, tmp_path):
+def test_malformed_json_names_file_line_and_column(data_copy, tmp_path, capsys):
     records = json.loads((data_copy / "pretrain.json").read_text())[:3]
     text = "[\n" + ",\n".join(json.dumps(r) for r in records) + ",\n]\n"  # a trailing comma
     bad = data_copy / "pretrain_bad.json"
@@ -113,10 +112,10 @@ def test_malformed_json_names_file_line_and_column(data_copy, tmp_path):
 
     with pytest.raises(AnnotationError, match=f"line {line}"):  # the trainer reports it as such
         train(config(data_copy, tmp_path / "run", "data.train=pretrain_bad.json", "train.steps=1"))
-    with pytest.raises(SystemExit) as exit_:
-        vlpt.cli.main(["pretrain", "--config", CONFIG,
-                       *overrides(data_copy, tmp_path / "cli", "data.train=pretrain_bad.json", "train.steps=1")])
-    assert str(bad) in str(exit_.value.code) and f"line {line}" in str(exit_.value.code)
+    message = cli_error(["pretrain", "--config", CONFIG,
+                         *overrides(data_copy, tmp_path / "cli", "data.train=pretrain_bad.json", "train.steps=1")],
+                        capsys)
+    assert str(bad) in message and f"line {line}" in message
 
 
 def test_record_without_caption_names_its_index(tmp_path):
@@ -145,12 +144,11 @@ def test_record_without_caption_names_its_index(tmp_path):
                                                        ("model.vision.widht=16", "model.vision.widht",
                                                         "model.vision.width"),
                                                        ("trian.steps=3", "trian", "train")])
-def test_unknown_config_key_exits_before_any_work(shapes_data, tmp_path, monkeypatch, typo, unknown, suggestion):
+def test_unknown_config_key_exits_before_any_work(shapes_data, tmp_path, monkeypatch, typo, unknown, suggestion,
+                                                  capsys):
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "run"
-    with pytest.raises(SystemExit) as err:
-        vlpt.cli.main(["pretrain", "--config", CONFIG, typo, f"data.root={shapes_data}", f"train.out={out}"])
-    message = str(err.value.code)
+    message = cli_error(["pretrain", "--config", CONFIG, typo, f"data.root={shapes_data}", f"train.out={out}"], capsys)
     assert message.startswith("vlpt: error:")
     assert f"'{unknown}'" in message and f"'{suggestion}'" in message
     assert not out.exists() and list(tmp_path.iterdir()) == []

@@ -23,7 +23,7 @@ from vlpt.data.tokenizer import Tokenizer
 from vlpt.data.transforms import image_transform
 from vlpt.engine.logging import read_metrics
 from vlpt.pretrain import pretrain as train
-from helpers import CONFIG, config, overrides
+from helpers import CONFIG, cli_error, config, overrides
 
 SHARD_SIZE = 50
 
@@ -124,9 +124,9 @@ def test_write_shards_counts_keys_and_records(shapes_data, shards, tmp_path, cap
     keys = [int(m.name.split(".")[0]) for name in sorted(p.name for p in out.glob("*.tar"))
             for m, _ in members(out / name)[::2]]
     assert keys == list(range(n))
-    with pytest.raises(SystemExit) as err:
-        vlpt.cli.main(["data", "shard", "--annotations", str(shapes_data / "pretrain.json"), "--out", str(out)])
-    assert "already holds shards" in str(err.value.code)
+    message = cli_error(["data", "shard", "--annotations", str(shapes_data / "pretrain.json"), "--out", str(out)],
+                        capsys)
+    assert "already holds shards" in message
 
 
 def test_writer_fails_or_skips_and_reports_unreadable_images(shapes_data, tmp_path):
@@ -268,7 +268,7 @@ def test_weighted_sources_give_their_shares(shards, small_source, tokenizer):
 
 # --- errors and bad data --------------------------------------------------------------------------------------------
 
-def test_missing_shard_fails_naming_it_before_any_work(shapes_data, shards, tmp_path):
+def test_missing_shard_fails_naming_it_before_any_work(shapes_data, shards, tmp_path, capsys):
     n = len(json.loads((shards / INDEX).read_text())["shards"])
     wanted = str(shards / f"{{000000..{n + 1:06d}}}.tar")
     out = tmp_path / "run"
@@ -276,9 +276,8 @@ def test_missing_shard_fails_naming_it_before_any_work(shapes_data, shards, tmp_
         train(config(shapes_data, out, "train.steps=1", f"data.train={wanted}"))
     assert str(shards / f"{n:06d}.tar") in str(err.value) and "1 more" in str(err.value)
     assert not out.exists()
-    with pytest.raises(SystemExit) as err:
-        vlpt.cli.main(["pretrain", "--config", CONFIG, *overrides(shapes_data, out, f"data.train={wanted}")])
-    assert err.value.code.startswith(f"vlpt: error: shard not found: {shards / f'{n:06d}.tar'}")
+    message = cli_error(["pretrain", "--config", CONFIG, *overrides(shapes_data, out, f"data.train={wanted}")], capsys)
+    assert message.startswith(f"vlpt: error: shard not found: {shards / f'{n:06d}.tar'}")
 
 
 @pytest.mark.parametrize("train_value, message", [("shards/{000000..000003.tar", "bad shard pattern"),

@@ -8,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+from vlpt.errors import VlptError
+
 CONFIGS = Path(__file__).resolve().parent / "configs"  # shipped with the package
 
 
@@ -16,7 +18,7 @@ def find_config(name: str) -> Path:
     for path in (Path(name), CONFIGS / name):
         if path.is_file():
             return path
-    raise FileNotFoundError(f"config file not found: {name} (also looked in {CONFIGS})")
+    raise VlptError(f"config file not found: {name} (also looked in {CONFIGS})")
 
 
 def cmd_synth(args) -> None:
@@ -32,7 +34,7 @@ def cmd_shard(args) -> None:
         index = write_shards(args.annotations, args.images or None, args.out, args.shard_size, shuffle=args.shuffle,
                              seed=args.seed, skip_bad=args.skip_bad, progress=sys.stderr.isatty())
     except FileExistsError as err:
-        sys.exit(f"vlpt: error: {err}")
+        raise VlptError(str(err)) from None
     shards, bad = len(index["shards"]), index["skipped_images"]
     names = f"{{000000..{shards - 1:06d}}}.tar" if shards > 1 else "000000.tar"
     print(f"wrote {index['samples']} samples in {shards} shards: data.train={Path(args.out) / names}")
@@ -212,15 +214,16 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Run one command. vlpt's own errors (bad input: a key, a value, a file) print one line and exit with code 2;
+    anything else is a bug and keeps its traceback."""
     args = parser().parse_args(argv)
-    from vlpt.data.annotations import AnnotationError, ImageError
-    from vlpt.errors import VlptError
     try:
         args.func(args)
     except BrokenPipeError:  # output piped into `head` and the like
         sys.stderr.close()
-    except (VlptError, AnnotationError, ImageError, FileNotFoundError, ValueError) as err:
+    except VlptError as err:
         message = str(err)
         if "Original Traceback" in message:  # raised in a DataLoader worker: torch prepends the worker's traceback
             message = message.rstrip().splitlines()[-1].split(": ", 1)[-1]
-        sys.exit(f"vlpt: error: {message}")
+        print(f"vlpt: error: {message}", file=sys.stderr)
+        sys.exit(2)

@@ -21,6 +21,8 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from vlpt.errors import VlptError
+
 VERSION = 1
 SPLITS = ("train", "val", "test")
 COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 80, 235), "yellow": (240, 220, 40),
@@ -394,7 +396,7 @@ def generate(out: str | Path, seed: int = 0, train: int = 20000, val: int = 1000
     """Write the whole data set to `out` (replacing it) via a temporary directory beside it; returns `out`."""
     sizes = {"train": train, "val": val, "test": test}
     if min(sizes.values()) < 1 or image_size < 24:
-        raise ValueError(f"every split needs at least one image and image_size >= 24, got {sizes}, {image_size}")
+        raise VlptError(f"every split needs at least one image and image_size >= 24, got {sizes}, {image_size}")
     out = Path(out).absolute()
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -7,6 +7,8 @@ from typing import Iterable
 import torch
 from tokenizers.implementations import BertWordPieceTokenizer
 
+from vlpt.errors import VlptError
+
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
@@ -16,12 +18,12 @@ class Tokenizer:
     def __init__(self, vocab: str | Path):
         self.vocab_path = Path(vocab)
         if not self.vocab_path.is_file():
-            raise FileNotFoundError(f"vocab file not found: {self.vocab_path}")
+            raise VlptError(f"vocab file not found: {self.vocab_path}")
         self._tok = BertWordPieceTokenizer(str(self.vocab_path), lowercase=True)
         ids = {name: self._tok.token_to_id(name) for name in SPECIALS}
         missing = [name for name, i in ids.items() if i is None]
         if missing:
-            raise ValueError(f"{self.vocab_path} lacks the special tokens {missing}")
+            raise VlptError(f"{self.vocab_path} lacks the special tokens {missing}")
         self.pad_id, self.unk_id, self.cls_id, self.sep_id, self.mask_id = (ids[n] for n in SPECIALS)
         self.special_ids = sorted(ids.values())
         self.vocab_size = self._tok.get_vocab_size()

@@ -21,6 +21,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from vlpt.engine import distributed
+from vlpt.errors import VlptError
 
 try:  # torch >= 2.6
     from torch.distributed.fsdp import FSDPModule, fully_shard
@@ -134,7 +135,7 @@ def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, sta
         all(isinstance(p, str) for g in state["param_groups"] for p in g["params"])
     if is_fsdp(model):
         if not keyed_by_name:
-            raise ValueError("this checkpoint's optimiser state is keyed by index (an older format): resume it "
+            raise VlptError("this checkpoint's optimiser state is keyed by index (an older format): resume it "
                              "with train.parallel=ddp or in one process")
         from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
         set_optimizer_state_dict(model, optimizer, state, options=_options())

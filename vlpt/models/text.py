@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from vlpt.config import TextConfig
+from vlpt.errors import VlptError
 
 
 def init_bert_(module: nn.Module) -> None:
@@ -206,7 +207,7 @@ _HEAD_KEYS = {"transform.dense.weight": "dense.weight", "transform.dense.bias": 
 def read_bert_config(folder: str | Path) -> dict:
     path = Path(folder) / "config.json"
     if not path.is_file():
-        raise FileNotFoundError(f"no Hugging Face config.json in {folder}")
+        raise VlptError(f"no Hugging Face config.json in {folder}")
     return json.loads(path.read_text())
 
 
@@ -218,7 +219,7 @@ def load_bert_weights(folder: str | Path, text: TextEncoder, fusion: FusionEncod
     folder = Path(folder)
     files = sorted(folder.glob("*.safetensors"))
     if not files:
-        raise FileNotFoundError(f"no *.safetensors weights in {folder}")
+        raise VlptError(f"no *.safetensors weights in {folder}")
     state: dict[str, torch.Tensor] = {}
     for f in files:
         state.update(load_file(f))
@@ -237,7 +238,7 @@ def load_bert_weights(folder: str | Path, text: TextEncoder, fusion: FusionEncod
             for p in ("weight", "bias"):
                 key = f"encoder.layer.{hf_i}.{hf}.{p}"
                 if key not in state:
-                    raise KeyError(f"{folder}: BERT weights lack {key} (the model has fewer layers than configured)")
+                    raise VlptError(f"{folder}: BERT weights lack {key} (the model has fewer layers than configured)")
                 ours[f"{prefix}.layers.{ours_i}.{name}.{p}"] = state[key]
     if mlm_head is not None:
         ours.update(_mlm_head_weights(folder, state))
@@ -246,7 +247,7 @@ def load_bert_weights(folder: str | Path, text: TextEncoder, fusion: FusionEncod
         prefix, rest = key.split(".", 1)
         param = modules[prefix].get_parameter(rest)
         if param.shape != value.shape:
-            raise ValueError(f"{folder}: {key} has shape {tuple(value.shape)}, the model expects {tuple(param.shape)}")
+            raise VlptError(f"{folder}: {key} has shape {tuple(value.shape)}, the model expects {tuple(param.shape)}")
         with torch.no_grad():
             param.copy_(value)
     return sorted(ours)
@@ -262,10 +263,10 @@ def _mlm_head_weights(folder: Path, state: dict[str, torch.Tensor]) -> dict[str,
         return {}
     missing = sorted(set(_HEAD_KEYS) - set(head))
     if missing:
-        raise KeyError(f"{folder}: BERT weights lack cls.predictions.{missing[0]} of the MLM head")
+        raise VlptError(f"{folder}: BERT weights lack cls.predictions.{missing[0]} of the MLM head")
     if "decoder.weight" in head and not torch.equal(head["decoder.weight"], state["embeddings.word_embeddings.weight"]):
-        raise ValueError(f"{folder}: the MLM decoder is not tied to the word embeddings, as our MLM head is")
+        raise VlptError(f"{folder}: the MLM decoder is not tied to the word embeddings, as our MLM head is")
     act = read_bert_config(folder).get("hidden_act", "gelu")
     if act != "gelu":
-        raise ValueError(f"{folder}: config.json has hidden_act={act!r}; the MLM head applies exact GELU ('gelu')")
+        raise VlptError(f"{folder}: config.json has hidden_act={act!r}; the MLM head applies exact GELU ('gelu')")
     return {f"mlm_head.{ours}": head[hf] for hf, ours in _HEAD_KEYS.items()}

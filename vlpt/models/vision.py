@@ -11,6 +11,7 @@ from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_
 from torch import nn
 
 from vlpt.config import VisionConfig
+from vlpt.errors import VlptError
 from vlpt.models.text import run_layer
 
 
@@ -108,7 +109,7 @@ def load_vit_weights(vit: VisionEncoder, path: str | Path) -> None:
     a classifier head is dropped, the mask token stays freshly initialised."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"pretrained ViT weights not found: {path}")
+        raise VlptError(f"pretrained ViT weights not found: {path}")
     if path.suffix == ".npz":
         vit.load_pretrained(str(path))  # timm's public loader of Google's JAX checkpoints
         return
@@ -124,5 +125,5 @@ def load_vit_weights(vit: VisionEncoder, path: str | Path) -> None:
     if any(problems.values()):
         detail = "; ".join(f"{len(keys)} {what}: {', '.join(keys[:5])}{', ...' if len(keys) > 5 else ''}"
                            for what, keys in problems.items() if keys)
-        raise ValueError(f"{path}: ViT weights do not match the configured model ({detail})")
+        raise VlptError(f"{path}: ViT weights do not match the configured model ({detail})")
     vit.load_state_dict(state, strict=False)
