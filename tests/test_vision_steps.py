@@ -8,6 +8,7 @@ from safetensors.torch import save_file
 from timm.models.vision_transformer import VisionTransformer
 
 from vlpt.config import VisionConfig
+from vlpt.errors import VlptError
 from vlpt.models.vision import PatchProjection, VisionEncoder, build_vit, load_vit_weights
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -185,7 +186,7 @@ def test_load_wrong_file_names_missing_unexpected_and_shapes(tmp_path):
     state["cls_token"] = torch.zeros(1, 1, 16)
     path = tmp_path / "wrong.safetensors"
     save_file(state, str(path))
-    with pytest.raises(ValueError, match="do not match") as info:
+    with pytest.raises(VlptError, match="do not match") as info:
         load_vit_weights(build_vit(cfg(depth=3)), path)
     message = str(info.value)
     assert "12 missing: blocks.2." in message and "1 unexpected: blocks.0.extra.weight" in message

@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from vlpt.errors import VlptError
+from vlpt.errors import MissingFileError, VlptError
 
 CONFIGS = Path(__file__).resolve().parent / "configs"  # shipped with the package
 
@@ -18,7 +18,7 @@ def find_config(name: str) -> Path:
     for path in (Path(name), CONFIGS / name):
         if path.is_file():
             return path
-    raise VlptError(f"config file not found: {name} (also looked in {CONFIGS})")
+    raise MissingFileError(f"config file not found: {name} (also looked in {CONFIGS})")
 
 
 def cmd_synth(args) -> None:

@@ -9,3 +9,7 @@ class VlptError(Exception):
 
 class ConfigError(VlptError, ValueError):
     """A config key or value that cannot be used."""
+
+
+class MissingFileError(VlptError, FileNotFoundError):
+    """A file or folder the user named (a config, an annotation file, weights, a vocab) is not there."""

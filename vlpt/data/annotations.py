@@ -7,7 +7,7 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from vlpt.errors import VlptError
+from vlpt.errors import MissingFileError, VlptError
 
 # Fields every record of a task must have (ALBEF's released formats).
 REQUIRED = {
@@ -29,7 +29,7 @@ def load_annotations(path: str | Path, task: str = "pretrain") -> list[dict]:
     """A JSON list of records; raises AnnotationError naming the file, line and column, or the record index."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"annotation file not found: {path}")
+        raise MissingFileError(f"annotation file not found: {path}")
     try:
         records = json.loads(path.read_text())
     except json.JSONDecodeError as err:

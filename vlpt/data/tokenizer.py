@@ -7,7 +7,7 @@ from typing import Iterable
 import torch
 from tokenizers.implementations import BertWordPieceTokenizer
 
-from vlpt.errors import VlptError
+from vlpt.errors import MissingFileError, VlptError
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
@@ -18,7 +18,7 @@ class Tokenizer:
     def __init__(self, vocab: str | Path):
         self.vocab_path = Path(vocab)
         if not self.vocab_path.is_file():
-            raise VlptError(f"vocab file not found: {self.vocab_path}")
+            raise MissingFileError(f"vocab file not found: {self.vocab_path}")
         self._tok = BertWordPieceTokenizer(str(self.vocab_path), lowercase=True)
         ids = {name: self._tok.token_to_id(name) for name in SPECIALS}
         missing = [name for name, i in ids.items() if i is None]

@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from vlpt.config import TextConfig
-from vlpt.errors import VlptError
+from vlpt.errors import MissingFileError, VlptError
 
 
 def init_bert_(module: nn.Module) -> None:
@@ -207,7 +207,7 @@ _HEAD_KEYS = {"transform.dense.weight": "dense.weight", "transform.dense.bias": 
 def read_bert_config(folder: str | Path) -> dict:
     path = Path(folder) / "config.json"
     if not path.is_file():
-        raise VlptError(f"no Hugging Face config.json in {folder}")
+        raise MissingFileError(f"no Hugging Face config.json in {folder}")
     return json.loads(path.read_text())
 
 
@@ -219,7 +219,7 @@ def load_bert_weights(folder: str | Path, text: TextEncoder, fusion: FusionEncod
     folder = Path(folder)
     files = sorted(folder.glob("*.safetensors"))
     if not files:
-        raise VlptError(f"no *.safetensors weights in {folder}")
+        raise MissingFileError(f"no *.safetensors weights in {folder}")
     state: dict[str, torch.Tensor] = {}
     for f in files:
         state.update(load_file(f))

@@ -11,7 +11,7 @@ from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_
 from torch import nn
 
 from vlpt.config import VisionConfig
-from vlpt.errors import VlptError
+from vlpt.errors import MissingFileError, VlptError
 from vlpt.models.text import run_layer
 
 
@@ -109,7 +109,7 @@ def load_vit_weights(vit: VisionEncoder, path: str | Path) -> None:
     a classifier head is dropped, the mask token stays freshly initialised."""
     path = Path(path)
     if not path.is_file():
-        raise VlptError(f"pretrained ViT weights not found: {path}")
+        raise MissingFileError(f"pretrained ViT weights not found: {path}")
     if path.suffix == ".npz":
         vit.load_pretrained(str(path))  # timm's public loader of Google's JAX checkpoints
         return
