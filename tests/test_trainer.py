@@ -14,7 +14,7 @@ import vlpt.cli
 from vlpt.engine import checkpoint
 from vlpt.engine.logging import read_metrics
 from vlpt.pretrain import pretrain as train
-from helpers import CONFIG, config, overrides
+from helpers import CONFIG, cli_error, config, overrides
 
 LOSSES = ("itc", "itm", "mlm")
 
@@ -94,9 +94,8 @@ def test_resume_is_exact(shapes_data, tmp_path, monkeypatch):
 def test_cli_resume_latest(shapes_data, tmp_path, capsys):
     out = tmp_path / "run"
     args = ["pretrain", "--config", CONFIG, *overrides(shapes_data, out, "train.log_every=1", "train.save_every=2")]
-    with pytest.raises(SystemExit) as err:  # nothing to resume yet: a clean message, not a traceback
-        vlpt.cli.main([*args, "train.steps=2", "--resume", "latest"])
-    assert "no checkpoint" in str(err.value.code) and str(out) in str(err.value.code)
+    error = cli_error([*args, "train.steps=2", "--resume", "latest"], capsys)  # nothing to resume yet: one line
+    assert "no checkpoint" in error and str(out) in error
 
     vlpt.cli.main([*args, "train.steps=2"])
     before = weights(out, 2)
