@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import TINY, config
+from helpers import TINY, cli_error, config
 from vlpt import methods
 from vlpt.cli import main
 from vlpt.config import load_config
@@ -196,8 +196,9 @@ def test_cbvila_trains_logs_codebook_health_and_draws_its_codebook(shapes_data, 
     assert 0 < metrics["codebook_used"] <= 64 and metrics["codebook_used_fraction"] == metrics["codebook_used"] / 64
 
 
-def test_visualize_codebook_rejects_a_method_without_one(shapes_data, tmp_path):
+def test_visualize_codebook_rejects_a_method_without_one(shapes_data, tmp_path, capsys):
     out = tmp_path / "run"
     train(config(shapes_data, out, "train.steps=1"))
-    with pytest.raises(SystemExit, match="has no codebook"):
-        main(["visualize", "codebook", "--checkpoint", str(out), "--out", str(tmp_path / "cb.png"), "--device", "cpu"])
+    message = cli_error(["visualize", "codebook", "--checkpoint", str(out), "--out", str(tmp_path / "cb.png"),
+                         "--device", "cpu"], capsys)
+    assert "has no codebook" in message and "cbvila" in message
