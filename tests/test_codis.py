@@ -58,6 +58,21 @@ def test_codebook_loss_formula_and_swapped_pairing():
     assert not torch.allclose(swapped, same)
 
 
+def test_codebook_usage_and_perplexity_are_those_of_the_predictions():
+    """Health of the prototype assignments P = softmax(Z C / temperature) of the image and text rows together: usage
+    counts the codewords some row's argmax picks, perplexity is exp(entropy) of P's mean (under DDP over the global
+    batch: tests/test_parallel.py)."""
+    image, text, plan_image, plan_text = _feats(n=12)
+    book = PrototypeCodebook(40, 8, epsilon=0.1, outer=30)
+    temp = torch.tensor(0.2)
+    out = book.loss(image, text, plan_image, plan_text, temp)
+    p = torch.softmax(torch.cat([image, text]) @ F.normalize(book.codewords, dim=1).t() / temp, dim=1)
+    mean = p.mean(0)
+    assert out["codebook_usage"].item() == len(set(p.argmax(1).tolist()))
+    assert out["codebook_perplexity"].item() == pytest.approx(math.exp(-(mean * mean.log()).sum().item()), rel=1e-5)
+    assert 1 < out["codebook_usage"].item() < 24 and 1 < out["codebook_perplexity"].item() < 40
+
+
 def test_alignment_terms_match_eq4_5():
     n, q, d = 4, 6, 8
     g = torch.Generator().manual_seed(1)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlpt.engine.distributed import local, local_row_slice
+from vlpt.engine.distributed import all_sum, local, local_row_slice
 
 
 @torch.no_grad()
@@ -56,7 +56,9 @@ class PrototypeCodebook(nn.Module):
         trained; `plan_image`, `plan_text` (N,d): normalised features the transport plans are solved from (the
         teacher's in CODIS; all ranks' under DDP, `rows` being this rank's). With `swapped` (the paper's text and
         Fig. 3) the image prediction is supervised by the text plan and vice versa; otherwise each by its own
-        modality's plan, as Algorithm 1 writes it. Returns the loss and codebook health.
+        modality's plan, as Algorithm 1 writes it. Returns the loss and codebook health (usage and perplexity of
+        the predictions P of the global batch: assignment counts and mass are summed over ranks before either is
+        computed, so N ranks report what one process with the global batch would).
         """
         codewords = F.normalize(self.codewords, dim=-1)
         cost_image = 1 - plan_image.detach().float() @ codewords.t()      # D_ij = 1 - cos(z_i^m, c_j)
@@ -69,8 +71,9 @@ class PrototypeCodebook(nn.Module):
         predict_text = text.float() @ codewords.t() / temperature
         loss = ot + soft_cross_entropy(predict_image, target_image) + soft_cross_entropy(predict_text, target_text)
         logits = torch.cat([predict_image, predict_text]).detach()
-        hits = assignment_counts(logits.argmax(-1), len(codewords))
-        return {"codebook": loss, **codebook_health(hits, F.softmax(logits.float(), dim=-1).sum(0))}
+        hits = all_sum(assignment_counts(logits.argmax(-1), len(codewords)))
+        mass = all_sum(F.softmax(logits.float(), dim=-1).sum(0))
+        return {"codebook": loss, **codebook_health(hits, mass)}
 
 
 def assignment_counts(indices: torch.Tensor, size: int) -> torch.Tensor:
