@@ -70,6 +70,44 @@ def test_gumbel_estimator_gives_encoder_and_codebook_a_gradient():
     assert v.grad.abs().sum() > 0 and vq.codewords.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("temperature", [1.0, 0.3])
+def test_gumbel_gradient_is_the_soft_lookups_and_the_forward_the_nearest_codeword(temperature):
+    """The straight-through gumbel estimator against an oracle written here: the forward value is the nearest
+    codeword; the encoder outputs get the gradient of the soft look-up softmax((g - ||v - c||^2 / d) / temperature) C,
+    g being the gumbel noise the quantiser draws (reproduced from the same seed); the codewords get the soft look-up's
+    gradient through the probabilities plus the look-up's own term at the one-hot assignment (the value used
+    forward). The sg[C] tokens MIM reads give the encoder the same gradient and the codewords none."""
+    n, k, d = 10, 20, 6
+    torch.manual_seed(0)
+    vq = VectorQuantizer(k, d, "gumbel", temperature=temperature)
+    v = torch.randn(n, d, requires_grad=True)
+    weight = torch.randn(n, d)                                                  # dL/dz_q of L = <z_q, weight>
+    torch.manual_seed(1)
+    q = vq(v)
+    (q.tokens * weight).sum().backward()
+
+    torch.manual_seed(1)
+    gumbel = -torch.empty(n, k).exponential_().log()                            # the quantiser's only draw
+    v_ref = v.detach().clone().requires_grad_(True)
+    c_ref = vq.codewords.detach().clone().requires_grad_(True)
+    distance = ((v_ref[:, None, :] - c_ref[None]) ** 2).mean(-1)                # (n, K)
+    soft = torch.softmax((gumbel - distance) / temperature, dim=-1)
+    (soft @ c_ref * weight).sum().backward()                                    # the soft look-up
+    hard = F.one_hot(distance.argmin(-1), k).float()
+
+    torch.testing.assert_close(q.tokens.detach(), hard @ c_ref.detach(), rtol=0, atol=1e-6)
+    torch.testing.assert_close(v.grad, v_ref.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(vq.codewords.grad, c_ref.grad + (hard - soft.detach()).t() @ weight,
+                               rtol=1e-4, atol=1e-6)
+    assert v.grad.abs().amax() > 1e-3 and (c_ref.grad - soft.detach().t() @ weight).abs().amax() > 1e-3
+
+    encoder = v.grad.clone()
+    v.grad = vq.codewords.grad = None
+    (q.frozen_tokens * weight).sum().backward()
+    assert vq.codewords.grad is None
+    torch.testing.assert_close(v.grad, encoder, rtol=1e-5, atol=1e-7)
+
+
 def test_straight_through_copies_the_gradient_to_the_encoder_and_none_to_the_codebook():
     torch.manual_seed(0)
     vq = VectorQuantizer(20, 6, "straight_through")
@@ -148,6 +186,28 @@ def test_mim_trains_the_encoders_but_not_the_codebook():
     model.zero_grad()
     model(_batch(), 0)["pixel"].backward()                                     # the pixel loss does move codewords
     assert model.quantizer.codewords.grad.abs().sum() > 0
+
+
+def test_straight_through_pixel_loss_moves_no_codeword_and_the_commitment_reaches_the_encoder():
+    """CB-ViLA with VQ-VAE's straight-through copy: the pixel loss's gradient passes to the encoder but never to the
+    codewords (only the codebook term moves them), and beta * commitment sends the encoder a gradient proportional
+    to beta."""
+    def grads(loss_name, beta):
+        model, _ = _model("method.cbvila.estimator=straight_through", f"method.cbvila.beta={beta}",
+                          "method.losses=[itc,itm,mlm,pixel,codebook]")
+        model(_batch(), 0)[loss_name].backward()
+        vit = model.backbone.vision.blocks[0].mlp.fc2.weight.grad
+        return model.quantizer.codewords.grad, None if vit is None else vit.clone()
+
+    codewords, vit = grads("pixel", 0.25)
+    assert codewords is None or codewords.abs().sum() == 0
+    assert vit.abs().sum() > 0
+    codewords, quarter = grads("codebook", 0.25)
+    assert codewords.abs().sum() > 0                                            # ||sg[v] - c||^2 moves them
+    _, half = grads("codebook", 0.5)
+    _, none = grads("codebook", 0.0)
+    assert quarter.abs().sum() > 0 and (none is None or none.abs().sum() == 0)  # the encoder's gradient is beta's
+    torch.testing.assert_close(half, 2 * quarter, rtol=1e-4, atol=1e-9)
 
 
 def test_codebook_warmup_switches_mim_and_mlm_on_at_the_configured_step():

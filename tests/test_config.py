@@ -182,6 +182,71 @@ def test_shipped_pretrain_config_names_a_registered_method(path):
     assert load_config(path).method.name in methods.available()
 
 
+def built_in_methods() -> set[str]:
+    from vlpt import methods
+    return {n for n in methods.available() if methods.registry.get(n).__module__.startswith("vlpt.methods.")}
+
+
+def test_the_shipped_presets_are_a_tiny_and_a_base_per_method_and_nothing_else():
+    """README, Adding a method: a method is its file and the presets NAME_{tiny,base}.yaml; the model presets
+    underneath them; no finetuning preset ships yet."""
+    assert built_in_methods() == {"albef", "codis", "maskvlm", "cbvila"}
+    assert {p.relative_to(CONFIGS).as_posix() for p in SHIPPED} == {
+        "model/tiny.yaml", "model/base.yaml",
+        *(f"pretrain/{m}_{size}.yaml" for m in built_in_methods() for size in ("tiny", "base"))}
+
+
+@pytest.mark.parametrize("path", [p for p in SHIPPED if p.parent.name == "pretrain"], ids=lambda p: p.name)
+def test_every_pretrain_preset_passes_methods_check_as_the_method_it_is_named_for(path):
+    """What `vlpt pretrain` checks before any work: the method exists and knows every loss listed or weighted."""
+    from vlpt import methods
+
+    cfg = load_config(path)
+    method, size = path.stem.rsplit("_", 1)
+    cls = methods.check(cfg)
+    assert cls.name == cfg.method.name == method and type(cfg.method) is cls.config
+    assert cfg.method.losses and set(cfg.method.losses) <= set(cls.loss_names)
+    assert set(cfg.method.loss_weights) <= set(cfg.method.losses)  # a weight on a loss not trained is a slip
+    assert (cfg.model.text.width, cfg.model.vision.width) == {"tiny": (128, 128), "base": (768, 768)}[size]
+
+
+def dataclass_leaves(cls, prefix: str = "") -> set[str]:
+    """Every non-dataclass field under `cls`, dotted, found by walking the dataclasses themselves."""
+    import dataclasses
+    import typing
+
+    hints, found = typing.get_type_hints(cls), set()
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            found |= dataclass_leaves(hints[f.name], f"{prefix}{f.name}.")
+        else:
+            found.add(prefix + f.name)
+    return found
+
+
+def test_vlpt_config_lists_every_leaf_of_every_dataclass_once(capsys):
+    """`vlpt config` (`describe`): the shared sections' leaves, and every registered method's and task's own ones
+    under method.* and task.*, each listed once with a help line."""
+    from vlpt import methods, tasks
+    from vlpt.cli import main
+
+    expected = dataclass_leaves(Config)
+    for registry, section in ((methods.registry, "method"), (tasks.registry, "task")):
+        for name in registry.names():
+            entry = registry.get(name)
+            if hasattr(entry, "config"):
+                expected |= dataclass_leaves(entry.config, f"{section}.")
+    assert {"method.codebook.plan_features", "method.cbvila.estimator", "method.maskvlm.region",
+            "method.codebook.size", "model.text.pool", "task.checkpoint"} <= expected
+    rows = describe()
+    keys = [k for k, _, _ in rows]
+    assert len(keys) == len(set(keys)) and set(keys) == expected
+    assert all(help_ for _, _, help_ in rows)
+    main(["config"])
+    printed = [line.split()[0] for line in capsys.readouterr().out.splitlines() if line.strip()]
+    assert sorted(printed) == sorted(expected)
+
+
 def test_pretrain_configs_inherit_their_model():
     tiny = load_config(CONFIGS / "pretrain" / "albef_tiny.yaml")
     assert (tiny.model.text.width, tiny.model.text.text_layers, tiny.model.vision.image_size) == (128, 2, 64)

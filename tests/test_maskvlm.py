@@ -122,20 +122,60 @@ def test_reconstruction_depends_on_the_text_and_mlm_on_the_image():
         assert not torch.allclose(masked_tokens, image_tokens)
 
 
-def test_itm_head_sees_the_elementwise_product_of_both_cross_encoders():
-    model, _ = _tiny_maskvlm("model.vision.width=48", "model.vision.heads=2")  # widths differ: projected
+def test_masked_patches_are_predicted_without_their_pixels():
+    """MIM in `forward` (Eq. 1, phi_im(I_m, T)): with the step's mask fixed, changing the pixels inside masked patches
+    leaves every prediction unchanged (only the target moves), while changing visible pixels changes the predictions
+    at the masked patches."""
+    model, _ = _tiny_maskvlm()
+    batch, step = _batch(), 5
+    mask = model.image_mask(4, step, "cpu")                                   # what `forward` draws at this step
+    assert mask.any(1).all() and (~mask).any(1).all()
+    in_masked = unpatchify(mask[..., None].expand(-1, -1, 8 * 8 * 3).float(), 8, (4, 4)).bool()  # (B,3,32,32)
+    noise = 3 * torch.randn(batch["image"].shape, generator=torch.Generator().manual_seed(9))
+    predictions = []
+    handle = model.to_pixels.register_forward_hook(lambda m, inputs, out: predictions.append(out))
+    with torch.no_grad():
+        out = model(batch, step)
+        changed_masked = model({**batch, "image": batch["image"] + noise * in_masked}, step)
+        model({**batch, "image": batch["image"] + noise * ~in_masked}, step)
+    handle.remove()
+    assert len(predictions) == 3                                               # one reconstruction per forward
+    plain, masked_changed, visible_changed = predictions
+    assert torch.equal(masked_changed, plain)
+    assert changed_masked["mim"] != out["mim"]                                 # the target is the true pixels
+    assert (visible_changed - plain)[mask].abs().amax() > 1e-3
+
+
+def test_itm_logits_are_the_head_on_the_product_of_both_cross_encoders():
+    """Eq. 3 computed here from the layers themselves: the image cross-encoder's [CLS] (image tokens attending to the
+    text, padding masked), projected to the text width, times the mean over unpadded tokens of the text
+    cross-encoder's output, into the ITM head. The logits follow the image cross-encoder's weights, which the text
+    side never reads."""
+    model, cfg = _tiny_maskvlm("model.vision.width=48", "model.vision.heads=2")  # widths differ: projected
+    assert cfg.model.text.pool == "mean"
     batch = _batch()
+    mask = batch["text_mask"].clone()
+    mask[0, 6:], mask[2, 4:] = 0, 0                                            # padded captions
     with torch.no_grad():
         tokens = model.encode_image(batch["image"])[0]
-        hidden = model.encode_text(batch["text_ids"], batch["text_mask"])[0]
-        seen = []
-        handle = model.itm_head.register_forward_hook(lambda m, inputs, out: seen.append(inputs[0]))
-        logits = model.itm_logits(tokens, hidden, batch["text_mask"])
-        handle.remove()
-        image_cls = model.backbone.itm_image_proj(model.backbone.fuse_image(tokens, hidden, batch["text_mask"])[:, 0])
-        text_cls = model.backbone.pool(model.fuse(tokens, hidden, batch["text_mask"]), batch["text_mask"])
-    assert logits.shape == (4, 2)
-    assert torch.allclose(seen[0], image_cls * text_cls, atol=1e-6)
+        hidden = model.encode_text(batch["text_ids"], mask)[0]
+        image = tokens
+        for layer in model.backbone.image_fusion.layers:                     # g_im: no mask on image queries
+            image = layer(image, None, hidden, mask)
+        text = hidden
+        for layer in model.backbone.fusion.layers:                           # g_txt: text queries, image context
+            text = layer(text, mask, tokens)
+        weights = mask[..., None].float()
+        pooled = (text * weights).sum(1) / weights.sum(1)
+        proj = model.backbone.itm_image_proj
+        expected = model.itm_head((image[:, 0] @ proj.weight.t() + proj.bias) * pooled)
+        logits = model.itm_logits(tokens, hidden, mask)
+        assert logits.shape == (4, 2)
+        torch.testing.assert_close(logits, expected, rtol=0, atol=1e-5)
+        for p in model.backbone.image_fusion.parameters():                  # only the image cross-encoder changes
+            p.add_(0.1 * torch.randn_like(p))
+        assert not torch.allclose(model.itm_logits(tokens, hidden, mask), logits, atol=1e-3)
+        assert torch.equal(model.fuse(tokens, hidden, mask), text)            # the text side is untouched
 
 
 def test_both_masking_conditions_mlm_on_the_masked_image():

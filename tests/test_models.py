@@ -476,6 +476,64 @@ def test_albef_teacher_follows_student_after_step(albef):
     assert "queues.ptr" in model.state_dict()
 
 
+def test_itc_and_mlm_soft_targets_come_from_the_momentum_teacher(monkeypatch):
+    """ALBEF Eq. 6-7: the distillation targets are the teacher's. Perturbing one part of the teacher moves the soft
+    targets that part feeds (its image or text projection: ITC's; its MLM head, fusion or ViT: MLM's, the teacher's
+    MLM reading the teacher's image tokens), and the losses with them, while every student output stays put."""
+    from vlpt import methods
+    from vlpt.methods import steps
+
+    torch.manual_seed(0)
+    model = methods.build(load_config(overrides=TINY), VOCAB).eval()
+    assert model.alpha(10) == pytest.approx(0.4)
+    seen = {}
+    alignment_loss, mlm_loss = steps.alignment_loss, steps.mlm_loss
+
+    def record_itc(*args, **kwargs):
+        seen.update(image=args[0], text=args[1], teacher_image=args[7], teacher_text=args[8])
+        return alignment_loss(*args, **kwargs)
+
+    def record_mlm(*args, **kwargs):
+        seen.update(logits=args[0], teacher_logits=args[2])
+        return mlm_loss(*args, **kwargs)
+
+    monkeypatch.setattr(steps, "alignment_loss", record_itc)
+    monkeypatch.setattr(steps, "mlm_loss", record_mlm)
+    batch, queues = albef_batch(), {k: v.clone() for k, v in model.queues.state_dict().items()}
+
+    def run() -> dict:
+        model.queues.load_state_dict(queues)  # each forward pushes: start every run from the same queues
+        seen.clear()
+        with torch.no_grad():
+            out = model(batch, step=10)
+        return {**seen, "itc": out["itc"], "mlm": out["mlm"]}
+
+    before = run()
+    student = ("image", "text", "logits")
+    itc_targets, mlm_targets = ("teacher_image", "teacher_text"), ("teacher_logits",)
+    for part, moved in [(lambda t: t["vision_proj"], {"teacher_image"}),
+                        (lambda t: t["text_proj"], {"teacher_text"}),
+                        (lambda t: t["mlm_head"], {"teacher_logits"}),
+                        (lambda t: t["backbone"].fusion, {"teacher_logits"}),
+                        (lambda t: t["backbone"].vision, {"teacher_image", "teacher_logits"})]:
+        saved = {k: v.clone() for k, v in model.teacher.state_dict().items()}
+        with torch.no_grad():
+            for p in part(model.teacher).parameters():
+                p.add_(0.5 * torch.randn_like(p))
+        after = run()
+        model.teacher.load_state_dict(saved)
+        for name in student:
+            assert torch.equal(after[name], before[name]), (moved, name)
+        for name in (*itc_targets, *mlm_targets):
+            assert torch.equal(after[name], before[name]) != (name in moved), (moved, name)
+        if moved & set(itc_targets):
+            assert not torch.equal(after["itc"], before["itc"]), moved
+        if moved & set(mlm_targets):
+            assert not torch.equal(after["mlm"], before["mlm"]), moved
+        else:
+            assert torch.equal(after["mlm"], before["mlm"]), moved
+
+
 def test_albef_loss_subset_and_alpha_warmup():
     from vlpt import methods
     torch.manual_seed(1)

@@ -363,3 +363,70 @@ def test_feature_queues_push_larger_than_queue_keeps_newest():
         torch.testing.assert_close(q.image[row], feats[i - 1])
     # the oldest of them (3) sits at the pointer: the next push overwrites it first
     assert q.ids[q.ptr].item() == 3
+
+
+# --- ITM inside a step: the pair layout -------------------------------------------------------------------------------
+
+def test_itm_rows_are_positives_then_negative_images_then_negative_texts(monkeypatch):
+    """ALBEF Eq. 4 as `steps.itm` lays it out: rows [positive pairs | (hard negative image, own text) | (own image, hard
+    negative text)], labels 1 for the first third only; every negative image or text comes from a pair of another
+    image id (two captions of one image are never each other's negative), and a negative text keeps its own mask."""
+    from pathlib import Path
+
+    from helpers import config
+    from vlpt import methods
+    from vlpt.methods import steps
+
+    torch.manual_seed(0)
+    model = methods.build(config(Path("."), Path("."), "method.losses=[itc,itm]"), 40).eval()
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.tensor([7, 7, 3, 5, 5, 9, 2, 8])  # images 7 and 5 with two captions each
+    n, length = len(ids), 12
+    image = torch.randn(n, 3, 32, 32, generator=gen)
+    image[1], image[4] = image[0], image[3]      # one image, two captions: the most similar candidate
+    lengths = torch.tensor([12, 9, 5, 12, 7, 10, 6, 11])
+    text_mask = (torch.arange(length)[None] < lengths[:, None]).long()
+    text_ids = torch.randint(5, 40, (n, length), generator=gen) * text_mask
+    batch = {"image": image, "text_ids": text_ids, "text_mask": text_mask, "image_id": ids}
+    seen = {}
+    itm_logits, itm_loss_fn = model.itm_logits, steps.itm_loss
+
+    def record_pairs(images, texts, masks):
+        seen.update(images=images, texts=texts, masks=masks)
+        return itm_logits(images, texts, masks)
+
+    def record_labels(logits, labels):
+        seen.update(logits=logits, labels=labels)
+        return itm_loss_fn(logits, labels)
+
+    monkeypatch.setattr(model, "itm_logits", record_pairs)
+    monkeypatch.setattr(steps, "itm_loss", record_labels)
+
+    def rows_of(candidate, table):  # the batch rows whose entry equals `candidate` exactly
+        return [j for j in range(n) if torch.equal(table[j], candidate)]
+
+    chosen_image, chosen_text = set(), set()
+    with torch.no_grad():
+        f = steps.features(model, batch)
+        for step in range(12):  # fresh hard-negative draws each step
+            loss = steps.itm(model, f, step)
+            images, texts, masks = seen["images"], seen["texts"], seen["masks"]
+            assert images.shape[0] == texts.shape[0] == masks.shape[0] == 3 * n
+            assert seen["labels"].tolist() == [1] * n + [0] * (2 * n)
+            assert loss.item() == pytest.approx(F.cross_entropy(seen["logits"], seen["labels"]).item(), rel=1e-6)
+            for i in range(n):
+                # positives: the row's own pair
+                assert torch.equal(images[i], f.image_tokens[i]) and torch.equal(texts[i], f.text_hidden[i])
+                assert torch.equal(masks[i], text_mask[i])
+                # negative image with the row's text
+                owners = rows_of(images[n + i], f.image_tokens)
+                assert owners and all(ids[j] != ids[i] for j in owners), (step, i, owners)
+                assert torch.equal(texts[n + i], f.text_hidden[i]) and torch.equal(masks[n + i], text_mask[i])
+                chosen_image.update(owners)
+                # the row's image with a negative text, and that text's own mask
+                assert torch.equal(images[2 * n + i], f.image_tokens[i])
+                owners = rows_of(texts[2 * n + i], f.text_hidden)
+                assert len(owners) == 1 and ids[owners[0]] != ids[i], (step, i, owners)
+                assert torch.equal(masks[2 * n + i], text_mask[owners[0]])
+                chosen_text.update(owners)
+    assert len(chosen_image) >= 4 and len(chosen_text) >= 4  # the draws vary: the checks above are not vacuous
