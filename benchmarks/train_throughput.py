@@ -272,9 +272,9 @@ def bench_setting(cfg: Config, device: torch.device, vocab: int, batch_size: int
             # similarities (ITC, ITM sampling; < 1e-5 of the step at batch 256) is linear in the batch.
             sub = flop_batch(batch_size, args.flop_batch)
             counted = synthetic_batches(cfg, sub, vocab, n=1, pin=False, seed=cfg.train.seed)
-            parallel.set_grad_checkpointing(model, False)  # model FLOPs: recomputation is not counted
-            flops_at[batch_size] = step_flops(step_module, counted, step, cfg, device) * batch_size // sub
-            parallel.set_grad_checkpointing(model, cfg.train.grad_checkpointing)
+            model.set_grad_checkpointing(False)  # model FLOPs: recomputation is not counted
+            flops_at[batch_size] = step_flops(step_module, model, counted, step, cfg, device) * batch_size // sub
+            model.set_grad_checkpointing(cfg.train.grad_checkpointing)
         flops = flops_at[batch_size]
         row["gflop_per_sample"] = flops / batch / 1e9
         peak = args.peak_tflops if args.peak_tflops is not None else (H100_BF16_TFLOPS if device.type == "cuda" else None)

@@ -63,7 +63,7 @@ def flop_batch(batch_size: int, most: int) -> int:
     return max(b for b in range(1, min(batch_size, most) + 1) if batch_size % b == 0)
 
 
-def step_flops(model, batches, step: int, cfg: Config, device: torch.device) -> int:
+def step_flops(ddp, model, batches, step: int, cfg: Config, device: torch.device) -> int:
     """FLOPs of one step's forward + backward (student and teacher passes; matmuls, convolutions and attention,
     which FlopCounterMode counts; elementwise ops and the optimiser are not). Attention runs through the math
     backend here so that every device's kernels are counted alike (the fused kernels do the same matmuls)."""
@@ -73,6 +73,6 @@ def step_flops(model, batches, step: int, cfg: Config, device: torch.device) -> 
     counter = FlopCounterMode(display=False)
     eager = torch.compiler.set_stance("force_eager") if hasattr(torch.compiler, "set_stance") else nullcontext()
     with counter, sdpa_kernel(SDPBackend.MATH), eager:  # compiled blocks run eagerly here: the same matmuls
-        forward_backward(model, model, batches, step, cfg, device)
+        forward_backward(ddp, model, batches, step, cfg, device)
     model.zero_grad(set_to_none=True)
     return counter.get_total_flops()
