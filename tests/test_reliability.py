@@ -421,3 +421,20 @@ def test_a_resumed_run_may_prune_the_checkpoint_it_resumed_from(shapes_data, tmp
     assert step_folders(out) == ["step_000006", "step_000008"]
     assert (out / "checkpoints" / "step_000008" / checkpoint.VOCAB).read_text() == \
         (out / "checkpoints" / "step_000006" / checkpoint.VOCAB).read_text()
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_an_augmented_json_run_resumes_bitwise(shapes_data, tmp_path, num_workers):
+    """With data.augment (every base preset) the JSON path seeds each sample's crop and ops by (seed, draw), as the
+    shard path does: a run stopped after a checkpoint and resumed ends with the weights of an uninterrupted one,
+    whichever worker decoded which sample; and augmentation does change the pixels."""
+    extra = ["data.augment=true", f"data.num_workers={num_workers}", "train.save_every=2"]
+    whole = train(config(shapes_data, tmp_path / "whole", *extra, "train.steps=4"))
+    train(config(shapes_data, tmp_path / "part", *extra, "train.steps=2"))
+    resumed = train(config(shapes_data, tmp_path / "part", *extra, "train.steps=4", "train.resume=latest"))
+    a = load_file(checkpoint.resolve(whole) / checkpoint.WEIGHTS)
+    b = load_file(checkpoint.resolve(resumed) / checkpoint.WEIGHTS)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    plain = train(config(shapes_data, tmp_path / "plain", "train.steps=4", f"data.num_workers={num_workers}"))
+    c = load_file(checkpoint.resolve(plain) / checkpoint.WEIGHTS)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
