@@ -9,6 +9,8 @@ import torch
 
 from vlpt import methods
 from vlpt.cli import main
+from vlpt.data.annotations import AnnotationError, load_image
+from vlpt.data.transforms import image_transform
 from vlpt.engine.checkpoint import load_method
 from vlpt.engine.optim import build_optimizer
 from vlpt.pretrain import pretrain as train
@@ -68,6 +70,48 @@ def test_evaluate_cli_writes_albef_metric_names(trained, shapes_data, tmp_path, 
     assert metrics["images"] == 16 and metrics["texts"] == 80 and metrics["k"] == 4
     assert all(0 <= metrics[n] <= 100 for n in names)
     assert "retrieval (itm)" in capsys.readouterr().out
+
+
+def test_binding_accuracy_against_hand_counted_groups():
+    """True caption first: it counts only when strictly above every negative (a tie is a miss); chance is the mean of
+    1 / group size."""
+    groups = [(torch.tensor([0.9, 0.1, 0.2]), torch.tensor([1.0, 2.0, 0.0])),   # ITC right, ITM wrong
+              (torch.tensor([0.3, 0.5]), torch.tensor([0.7, 0.1])),             # ITC wrong, ITM right
+              (torch.tensor([0.4, 0.4]), torch.tensor([0.2, -1.0])),            # ITC tie: wrong; ITM right
+              (torch.tensor([0.8, 0.7, 0.9]), torch.tensor([3.0, 2.0, 2.9]))]   # ITC wrong, ITM right
+    m = retrieval.binding_metrics(groups)
+    assert (m["binding_itc"], m["binding_itm"], m["binding_records"]) == (25.0, 75.0, 4)
+    assert m["binding_chance"] == round(100 * (1 / 3 + 1 / 2 + 1 / 2 + 1 / 3) / 4, 2)
+
+
+def test_binding_scores_each_image_against_its_own_caption_and_negatives(trained, shapes_data, tmp_path):
+    """The scores are the image-text cosine and the ITM match logit of each image with its own caption and then its
+    negatives (checked against a direct computation, pair by pair); evaluate retrieval adds the binding metrics when
+    retrieval_<split>_hard.json is there; a record without negatives is an error naming the field."""
+    from vlpt.tasks.base import evaluate_checkpoint
+    model, cfg, tok = load_method(trained)
+    hard = json.loads((shapes_data / "retrieval_test_hard.json").read_text())
+    kwargs = dict(image_size=cfg.model.vision.image_size, max_len=cfg.model.text.max_len, batch_size=5,
+                  progress=False)
+    groups = retrieval.binding_scores(model, shapes_data / "retrieval_test_hard.json", shapes_data, tok, **kwargs)
+    assert len(groups) == len(hard)
+    transform = image_transform(cfg.model.vision.image_size)
+    for (itc, itm), record in list(zip(groups, hard))[:3]:
+        with torch.no_grad():
+            tokens, image_feat = model.encode_image(transform(load_image(shapes_data / record["image"]))[None])
+            for j, text in enumerate([record["caption"], *record["negatives"]]):
+                ids, mask = tok([text], cfg.model.text.max_len)
+                hidden, text_feat = model.encode_text(ids, mask)
+                assert itc[j] == pytest.approx(float(image_feat @ text_feat.t()), abs=1e-5)
+                assert itm[j] == pytest.approx(float(model.itm_logits(tokens, hidden, mask)[0, 1]), abs=1e-4)
+    task, metrics = evaluate_checkpoint("retrieval", trained, torch.device("cpu"), "test",
+                                        [f"data.root={shapes_data}", "data.num_workers=0"])
+    assert metrics["binding_records"] == len(hard) and metrics == {**metrics, **retrieval.binding_metrics(groups)}
+    assert "binding" in task.table(metrics)
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"image": hard[0]["image"], "caption": "a"}]))
+    with pytest.raises(AnnotationError, match="negatives"):
+        retrieval.binding(model, bad, shapes_data, tok, **kwargs)
 
 
 def colour_pairs(gen: torch.Generator, palette: torch.Tensor, n: int = 8) -> dict:

@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from vlpt.data.annotations import load_annotations
+from vlpt.data.annotations import AnnotationError, load_annotations
 from vlpt.data.loader import ImageFiles
 from vlpt.data.transforms import image_transform
 from vlpt.tasks.base import Task, register
@@ -136,9 +136,52 @@ def evaluate(model, annotation: str | Path, root: str | Path, tokenizer, *, imag
     return metrics
 
 
+def binding_metrics(groups: list[tuple[torch.Tensor, torch.Tensor]]) -> dict:
+    """Attribute binding: per record, the scores (by ITC, by ITM) of its true caption first and its negatives after;
+    a record counts when its true caption scores strictly above every negative. Accuracies in percent, and chance
+    (the mean of 1 / (1 + negatives))."""
+    itc = [bool((s[0] > s[1:]).all()) for s, _ in groups]
+    itm = [bool((s[0] > s[1:]).all()) for _, s in groups]
+    chance = [1 / len(s) for s, _ in groups]
+    n = max(len(groups), 1)
+    return {"binding_itc": round(100 * sum(itc) / n, 2), "binding_itm": round(100 * sum(itm) / n, 2),
+            "binding_chance": round(100 * sum(chance) / n, 2), "binding_records": len(groups)}
+
+
+def binding(model, annotation: str | Path, root: str | Path, tokenizer, **kwargs) -> dict:
+    """`binding_metrics` of `binding_scores`."""
+    return binding_metrics(binding_scores(model, annotation, root, tokenizer, **kwargs))
+
+
+@torch.no_grad()
+def binding_scores(model, annotation: str | Path, root: str | Path, tokenizer, *, image_size: int, max_len: int,
+                   batch_size: int = 256, device="cpu", num_workers: int = 0,
+                   progress: bool = True) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per record of a file of {image, caption, negatives} (`retrieval_test_hard.json`: captions with two attributes
+    swapped between objects), the image's ITC similarity and ITM match logit with its caption, then its negatives."""
+    records = load_annotations(annotation, "retrieval")
+    texts, owner = [], []
+    for i, r in enumerate(records):
+        if not r.get("negatives"):
+            raise AnnotationError(f"{annotation}: record {i} has no 'negatives' (a list of wrong captions)")
+        group = [r["caption"] if isinstance(r["caption"], str) else r["caption"][0], *r["negatives"]]
+        texts += group
+        owner += [i] * len(group)
+    enc = encode_split(model, [Path(root) / r["image"] for r in records], texts, tokenizer, image_size, max_len,
+                       batch_size, device, num_workers, progress)
+    image_idx = torch.tensor(owner, device=enc["image_feat"].device)
+    text_idx = torch.arange(len(texts), device=image_idx.device)
+    itc = (enc["image_feat"][image_idx].float() * enc["text_feat"].float()).sum(1)
+    itm = torch.cat([_match_scores(model, enc, image_idx[s:s + batch_size], text_idx[s:s + batch_size])
+                     for s in range(0, len(texts), batch_size)])
+    sizes = [1 + len(r["negatives"]) for r in records]
+    return list(zip(itc.cpu().split(sizes), itm.cpu().split(sizes)))
+
+
 @register("retrieval")
 class ZeroShotRetrieval(Task):
-    """`vlpt evaluate retrieval`: reads `retrieval_<split>.json` (ALBEF's test format) under the data folder."""
+    """`vlpt evaluate retrieval`: reads `retrieval_<split>.json` (ALBEF's test format) under the data folder, and
+    `retrieval_<split>_hard.json` (binding negatives) when it is there."""
 
     options = ("eval.k", "eval.batch_size", "eval.itc_weight")
 
@@ -148,6 +191,11 @@ class ZeroShotRetrieval(Task):
             model, self.data / f"retrieval_{split}.json", self.data, self.tokenizer,
             image_size=cfg.model.vision.image_size, max_len=cfg.model.text.max_len, k=e.k, batch_size=e.batch_size,
             itc_weight=e.itc_weight, device=self.device, num_workers=cfg.data.num_workers)}
+        hard = self.data / f"retrieval_{split}_hard.json"
+        if hard.is_file():  # attribute binding: the true caption against captions with attributes swapped
+            metrics.update(binding(model, hard, self.data, self.tokenizer, image_size=cfg.model.vision.image_size,
+                                   max_len=cfg.model.text.max_len, batch_size=e.batch_size, device=self.device,
+                                   num_workers=cfg.data.num_workers))
         if "codebook" in model.capabilities:  # how much of the visual codebook the split's patches use
             from vlpt.viz.codebook import assign_codewords, usage
             images = [self.data / p for p in read_split(self.data / f"retrieval_{split}.json")[0]]
@@ -161,6 +209,9 @@ class ZeroShotRetrieval(Task):
         lines = [f"{'':18s}" + "".join(f"{c:>9s}" for c in cols),
                  f"{'retrieval (itm)':18s}" + "".join(f"{m[c]:9.2f}" for c in cols),
                  f"{'retrieval (itc)':18s}" + "".join(f"{m['itc_' + c]:9.2f}" for c in cols)]
+        if "binding_itm" in m:
+            lines.append(f"binding (true caption above attribute-swapped ones, {m['binding_records']} images): "
+                         f"ITC {m['binding_itc']:.2f} %, ITM {m['binding_itm']:.2f} %, chance {m['binding_chance']:.2f} %")
         if "codebook_used" in m:
             lines.append(f"codebook: {m['codebook_used']} codewords used by the patches "
                          f"({100 * m['codebook_used_fraction']:.1f} %), perplexity {m['codebook_perplexity']:.1f}")
