@@ -430,3 +430,26 @@ def test_itm_rows_are_positives_then_negative_images_then_negative_texts(monkeyp
                 assert torch.equal(masks[2 * n + i], text_mask[owners[0]])
                 chosen_text.update(owners)
     assert len(chosen_image) >= 4 and len(chosen_text) >= 4  # the draws vary: the checks above are not vacuous
+
+
+def test_random_share_mixes_hard_negatives_with_uniform_draws():
+    """(1 - r) softmax(sim) + r / C: r = 0 is ALBEF's draw, r = 1 uniform over the non-positives, whatever sim says;
+    positives are never drawn."""
+    from vlpt.objectives.matching import sample_hard_negatives
+    gen = torch.Generator().manual_seed(0)
+    n, c, draws = 4, 6, 4000
+    sim = torch.zeros(n, c)
+    sim[:, 1] = 50.0  # candidate 1 is the hard negative of every query
+    positives = torch.zeros(n, c, dtype=torch.bool)
+    positives[:, 0] = True
+    picks = {r: torch.stack([sample_hard_negatives(sim, positives, torch.rand(n, c, generator=gen), r)
+                             for _ in range(draws)]) for r in (0.0, 0.5, 1.0)}
+    assert (picks[0.0] == 1).all()
+    for r in (0.5, 1.0):
+        share = torch.bincount(picks[r].flatten(), minlength=c).float() / (n * draws)
+        assert share[0] == 0
+        expected = torch.full((c,), r / c)  # the weights: softmax's mass on candidate 1, r / C everywhere
+        expected[1] += 1 - r
+        expected[0] = 0                        # the positive is never drawn: the others' weights renormalised
+        expected = expected / expected.sum()
+        assert torch.allclose(share, expected, atol=0.02), (r, share)

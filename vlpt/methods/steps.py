@@ -70,7 +70,7 @@ def itc(method, f: Features, step: int, intra: bool = False) -> torch.Tensor:
 
 def itm(method, f: Features, step: int) -> torch.Tensor:
     """ALBEF Eq. 4: one hard negative text per image and one hard negative image per text, drawn from the whole
-    (global) batch by contrastive similarity; the noise comes from a (seed, step) generator sliced by rank, so
+    (global) batch by contrastive similarity (mixed with uniform draws over the first `method.itm_easy_steps`); the noise comes from a (seed, step) generator sliced by rank, so
     N ranks draw what one process with the global batch would. Rows: [positives | negative images | negative
     texts], labels 1 for the first third."""
     n_local, n_all = f.image_feat.shape[0], f.batch_size
@@ -81,8 +81,10 @@ def itm(method, f: Features, step: int) -> torch.Tensor:
         gen = rng.generator("itm_negatives", method.cfg.train.seed, step, device=sim_i2t.device)
         noise = torch.rand(2, n_all, n_all, generator=gen, device=sim_i2t.device)[:, distributed.local_rows(n_local)]
         positives = f.positives[:, :n_all]
-        neg_image = sample_hard_negatives(sim_t2i, positives, noise[0])
-        neg_text = sample_hard_negatives(sim_i2t, positives, noise[1])
+        easy = method.cfg.method.itm_easy_steps
+        share = max(0.0, 1.0 - step / easy) if easy > 0 else 0.0  # random negatives first, then hard ones
+        neg_image = sample_hard_negatives(sim_t2i, positives, noise[0], share)
+        neg_text = sample_hard_negatives(sim_i2t, positives, noise[1], share)
     all_tokens = distributed.gather(f.image_tokens, grad=True)
     all_hidden = distributed.gather(f.text_hidden, grad=True)
     all_mask = distributed.gather(f.text_mask)
