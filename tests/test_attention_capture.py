@@ -161,3 +161,22 @@ def test_capture_under_grad_checkpointing_keeps_the_probabilities_that_get_the_g
         grads.append(cross.probs.grad)
     assert grads[1] is not None
     torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=0)
+
+
+def test_a_cross_layer_without_context_is_a_text_layer_and_its_cross_attention_gets_no_gradient():
+    """One stack used with and without cross-attention (SIMLA's single stream): without a context the layer equals
+    the same weights minus the cross-attention, and a loss of that text-only pass sends no gradient to it."""
+    from vlpt.config import TextConfig
+    from vlpt.models.text import Layer
+    torch.manual_seed(0)
+    cfg = TextConfig(width=16, heads=2, intermediate=32)
+    cross, plain = Layer(cfg, cross=True, context_width=8), Layer(cfg)
+    plain.load_state_dict({k: v for k, v in cross.state_dict().items() if not k.startswith("cross.")})
+    x, mask = torch.randn(2, 5, 16), torch.ones(2, 5, dtype=torch.long)
+    out = cross(x, mask)
+    assert torch.equal(out, plain(x, mask))
+    out.sum().backward()
+    assert all(p.grad is None for p in cross.cross.parameters())
+    assert cross.attention.query.weight.grad is not None
+    with_context = cross(x, mask, torch.randn(2, 3, 8))
+    assert not torch.allclose(with_context, out)

@@ -93,7 +93,8 @@ def capture_attention(*attentions: Attention) -> Iterator[tuple[Attention, ...]]
 
 
 class Layer(nn.Module):
-    """One BERT layer; with `cross` it attends to a context (the other modality) between self-attention and MLP."""
+    """One BERT layer; with `cross` it attends to a context (the other modality) between self-attention and MLP,
+    when one is given: called without a context the same layer is a text-only layer (a single stream, SIMLA)."""
 
     def __init__(self, cfg: TextConfig, cross: bool = False, context_width: int | None = None):
         super().__init__()
@@ -106,7 +107,7 @@ class Layer(nn.Module):
 
     def forward(self, x, mask=None, context=None, context_mask=None, causal=False):
         x = self.attention(x, mask=mask, causal=causal)
-        if self.cross is not None:
+        if self.cross is not None and context is not None:
             x = self.cross(x, context, context_mask)
         return self.norm(x + self.drop(self.fc2(F.gelu(self.fc1(x)))))
 
