@@ -182,12 +182,12 @@ class Method(nn.Module):
         return mask[distributed.local_rows(n_local)]                                  # no copy, no sync
 
     def after_step(self, step: int) -> None:
-        """Called by the trainer after each optimiser step."""
+        """Called by the engine after each applied optimiser step."""
         if self.teacher is not None:
             self.teacher.update()
 
     def forward(self, batch: dict, step: int) -> dict[str, torch.Tensor]:
-        """Named losses (summed by the trainer when listed in `method.losses`) and metrics (logged only)."""
+        """Named losses (summed by the engine when listed in `method.losses`) and metrics (logged only)."""
         raise NotImplementedError
 
 
