@@ -136,7 +136,7 @@ class MethodConfig:
 class TaskConfig:
     """The keys every downstream task shares; a task registers a subclass with its own (`vlpt.tasks.register`),
     which `task.name` selects when the config is built. Pretraining configs leave `task.name` empty."""
-    name: str = opt("", "registered task name (see `vlpt tasks`); empty in pretraining configs")
+    name: str = opt("", "registered task name (`vlpt evaluate --help` lists them); empty in pretraining configs")
     checkpoint: str = opt("", "pretraining (or task) checkpoint or run folder whose encoders the task starts from")
 
 
@@ -497,6 +497,12 @@ def _selected_rows(base: type, prefix: str) -> list[tuple[str, Any, str]]:
         cls = getattr(registry.get(name), "config", base)
         for key, default, help in describe(cls, prefix):
             if key[len(prefix):].split(".")[0] not in shared:
-                owners.setdefault(key, []).append(name)
-                rows.setdefault(key, (default, help))
-    return [(key, rows[key][0], f"[{', '.join(owners[key])}] {rows[key][1]}") for key in rows]
+                owners.setdefault(key, {})[name] = default
+                rows.setdefault(key, help)
+    out = []
+    for key, defaults in owners.items():  # one default, or each entry's where they differ
+        values = list(defaults.values())
+        default = values[0] if all(v == values[0] for v in values) else \
+            ", ".join(f"{name}: {value}" for name, value in defaults.items())
+        out.append((key, default, f"[{', '.join(defaults)}] {rows[key]}"))
+    return out
