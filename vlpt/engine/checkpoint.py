@@ -282,15 +282,23 @@ def load_state(path: Path) -> dict:
     return state
 
 
-def load_method(path: str | Path, device="cpu"):
-    """(method in eval mode, its Config, its Tokenizer) from a checkpoint or run folder."""
-    from vlpt import methods
+def open_checkpoint(path: str | Path, overrides: list[str] = ()):
+    """(checkpoint folder, its Config, its Tokenizer) from a checkpoint or run folder; the config does not point at
+    pretrained weights again (the checkpoint holds them), `overrides` are applied on top."""
     from vlpt.config import load_config as build_config
     from vlpt.data.tokenizer import Tokenizer
 
     path = resolve(path)
-    cfg = build_config(base=load_config(path), overrides=["model.text.pretrained=", "model.vision.pretrained="])
-    tokenizer = Tokenizer(path / VOCAB)
+    cfg = build_config(base=load_config(path),
+                       overrides=["model.text.pretrained=", "model.vision.pretrained=", *overrides])
+    return path, cfg, Tokenizer(path / VOCAB)
+
+
+def load_method(path: str | Path, device="cpu"):
+    """(method in eval mode, its Config, its Tokenizer) from a checkpoint or run folder."""
+    from vlpt import methods
+
+    path, cfg, tokenizer = open_checkpoint(path)
     model = methods.build(cfg, tokenizer.vocab_size)
     load_weights(path, model)
     return model.to(device).eval(), cfg, tokenizer

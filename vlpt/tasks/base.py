@@ -138,12 +138,8 @@ def load(task_cls: type[Task], path: str | Path, device, overrides: list[str] = 
     """(task, model in eval mode) from a checkpoint: a method's, or for a task that trains, one finetuned on it (its
     head recorded in meta.json; otherwise an error saying what to run first)."""
     from vlpt.engine import checkpoint
-    from vlpt.data.tokenizer import Tokenizer
 
-    path = checkpoint.resolve(path)
-    cfg = load_config(base=checkpoint.load_config(path),
-                      overrides=["model.text.pretrained=", "model.vision.pretrained=", *overrides])
-    tokenizer = Tokenizer(path / checkpoint.VOCAB)
+    path, cfg, tokenizer = checkpoint.open_checkpoint(path, overrides)
     task = task_cls(cfg, tokenizer, device)
     model = methods.build(cfg, tokenizer.vocab_size)
     if task_cls.trains:
