@@ -131,7 +131,7 @@ def report_keys(path: Path, keys: tuple[list[str], list[str]]) -> None:
     for what, names in (("not in the checkpoint (initialised here)", missing),
                         ("in the checkpoint but unused", unexpected)):
         if names:
-            print(f"{path}: {len(names)} weights {what}: {', '.join(names[:8])}{' ...' if len(names) > 8 else ''}")
+            print(f"{path}: {len(names)} weights {what}: {', '.join(names)}")
 
 
 def load(task_cls: type[Task], path: str | Path, device, overrides: list[str] = ()):
