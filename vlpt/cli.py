@@ -62,14 +62,14 @@ def cmd_finetune(args) -> None:
 def cmd_evaluate(args) -> dict:
     from vlpt.engine.runtime import pick_device
     from vlpt.tasks.base import evaluate_checkpoint
-    overrides = [f"{key}={getattr(args, key.split('.')[-1])}" for key in args.options
-                 if getattr(args, key.split(".")[-1]) is not None]  # flags default to the checkpoint's values
+    values = {key: getattr(args, key.split(".")[-1]) for key in args.options}
+    overrides = [f"{key}={json.dumps(v) if isinstance(v, list) else v}" for key, v in values.items()
+                 if v is not None]  # flags default to the checkpoint's values; a list as YAML (JSON) flow
     overrides += [f"data.num_workers={args.num_workers}", *([f"data.root={args.data}"] if args.data else [])]
     task, metrics = evaluate_checkpoint(args.task, args.checkpoint, pick_device(args.device), args.split, overrides)
-    print(task.table(metrics))
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(metrics, indent=2) + "\n")
+        task.save(metrics, Path(args.out))
+    print(task.table(metrics))
     return metrics
 
 
@@ -117,8 +117,9 @@ def option_flag(p: argparse.ArgumentParser, key: str) -> None:
     from vlpt.config import describe
     rows = {k: (default, help) for k, default, help in describe()}
     default, help = rows[key]
-    p.add_argument("--" + key.split(".")[-1].replace("_", "-"), type=type(default), default=None,
-                   help=f"{help} ({key}; default: the checkpoint's)")
+    many = {"nargs": "+", "type": str} if isinstance(default, list) else {"type": type(default)}  # --prompts a b
+    p.add_argument("--" + key.split(".")[-1].replace("_", "-"), default=None,
+                   help=f"{help} ({key}; default: the checkpoint's)", **many)
 
 
 def task_parsers(sub) -> None:

@@ -52,6 +52,11 @@ class Task:
         """The printed form of `evaluate`'s metrics."""
         return "\n".join(f"{k:24s} {v}" for k, v in metrics.items())
 
+    def save(self, metrics: dict, out: Path) -> None:
+        """`evaluate`'s metrics as JSON in file `out`; a task that draws figures writes them next to it."""
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(metrics, indent=2) + "\n")
+
 
 class TaskModel(nn.Module):
     """A method's encoders (`self.method`) with a task's head: what `engine.fit` trains for a task. Subclasses
@@ -139,7 +144,7 @@ def load(task_cls: type[Task], path: str | Path, device, overrides: list[str] = 
     head recorded in meta.json; otherwise an error saying what to run first)."""
     from vlpt.engine import checkpoint
 
-    path, cfg, tokenizer = checkpoint.open_checkpoint(path, overrides)
+    path, cfg, tokenizer = checkpoint.open_checkpoint(path, [f"task.name={task_cls.name}", *overrides])
     task = task_cls(cfg, tokenizer, device)
     model = methods.build(cfg, tokenizer.vocab_size)
     if task_cls.trains:
