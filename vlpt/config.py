@@ -94,6 +94,9 @@ class TextConfig:
     pool: Literal["cls", "mean"] = opt("cls", "text and fused states -> one vector for ITC and ITM: cls (BERT, ALBEF) or mean over tokens "
                     "(small post-norm encoders trained from scratch learn far faster with it)")
     pretrained: str = opt("", "Hugging Face BERT folder (config.json + safetensors) to initialise from; empty trains from scratch")
+    preprocess: Literal["none", "albef"] = opt("none", "cleaning of every text before tokenizing, in every data path: "
+                                               "none, or albef (ALBEF's pre_caption, what its checkpoints saw; see "
+                                               "vlpt.data.tokenizer.albef_caption)")
 
     def validate(self, prefix: str, root) -> None:
         divides_width(self, prefix)

@@ -22,7 +22,8 @@ def pretrain(cfg: Config) -> Path:
     out = Path(cfg.train.out)
     path = checkpoint.resolve(cfg.train.resume, out) if cfg.train.resume else None
     data = training_set(cfg)  # JSON records or shards: a missing file or shard fails here
-    tokenizer = Tokenizer(path / checkpoint.VOCAB) if path else tokenizer_for(cfg, captions(data), out)
+    tokenizer = (Tokenizer(path / checkpoint.VOCAB, cfg.model.text.preprocess) if path
+                 else tokenizer_for(cfg, captions(data), out))
     warn_if_from_scratch(cfg)
 
     torch.manual_seed(cfg.train.seed)

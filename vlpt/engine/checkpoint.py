@@ -291,7 +291,7 @@ def open_checkpoint(path: str | Path, overrides: list[str] = ()):
     path = resolve(path)
     cfg = build_config(base=load_config(path),
                        overrides=["model.text.pretrained=", "model.vision.pretrained=", *overrides])
-    return path, cfg, Tokenizer(path / VOCAB)
+    return path, cfg, Tokenizer(path / VOCAB, cfg.model.text.preprocess)
 
 
 def load_method(path: str | Path, device="cpu"):

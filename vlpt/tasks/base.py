@@ -111,7 +111,7 @@ def finetune(cfg: Config) -> Path:
         raise VlptError(f"task '{task_cls.name}' has nothing to finetune: run `vlpt evaluate {task_cls.name}`")
     device = setup(cfg.train)
     source = checkpoint.resolve(cfg.task.checkpoint)
-    tokenizer = Tokenizer(source / checkpoint.VOCAB)
+    tokenizer = Tokenizer(source / checkpoint.VOCAB, cfg.model.text.preprocess)
     resume = checkpoint.resolve(cfg.train.resume, cfg.train.out) if cfg.train.resume else None
     torch.manual_seed(cfg.train.seed)
     method = methods.build(cfg, tokenizer.vocab_size)
