@@ -105,6 +105,11 @@ def cmd_visualize(args) -> None:
     print(picture.draw(model, cfg, tokenizer, args, device))
 
 
+def cmd_convert(args) -> None:
+    from vlpt.engine.convert_albef import convert_albef
+    print(convert_albef(args.checkpoint, args.out, args.vocab, args.vision_heads, args.text_heads).summary())
+
+
 def cmd_keys(args) -> None:
     from vlpt.config import describe
     for key, default, help in describe():
@@ -208,6 +213,18 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_demo)
 
     visualize_parsers(sub)
+
+    convert = sub.add_parser("convert", help="another code base's checkpoint as a vlpt checkpoint")
+    s = convert.add_subparsers(dest="source", required=True).add_parser(
+        "albef", help="a checkpoint ALBEF released (pre-training, retrieval, VQA, ...): method albef, its model "
+                      "sizes read from the tensor shapes, ALBEF's text preprocessing")
+    s.add_argument("checkpoint", help="ALBEF's .pth file")
+    s.add_argument("--out", required=True, help="run folder to write (checkpoints/step_000000 and latest)")
+    s.add_argument("--vocab", default="", help="BERT's uncased WordPiece vocab.txt (bert-base-uncased's for ALBEF's "
+                   "checkpoints); default: vocab.txt beside the checkpoint")
+    s.add_argument("--vision-heads", type=int, default=12, help="ViT attention heads (no tensor shape holds them)")
+    s.add_argument("--text-heads", type=int, default=12, help="BERT attention heads (no tensor shape holds them)")
+    s.set_defaults(func=cmd_convert)
 
     s = sub.add_parser("config", help="list every config key with its default and help")
     s.set_defaults(func=cmd_keys)
