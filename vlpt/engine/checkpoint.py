@@ -141,8 +141,13 @@ def save(out: str | Path, step: int, model: torch.nn.Module | dict, config: dict
         shutil.rmtree(stale, ignore_errors=True)
     tmp = root / f".{final.name}.tmp{os.getpid()}"
     tmp.mkdir()
-    weights = {k: v.detach().contiguous().cpu()
-               for k, v in (model if isinstance(model, dict) else model.state_dict()).items()}
+    weights, stored = {}, set()
+    for k, v in (model if isinstance(model, dict) else model.state_dict()).items():
+        v = v.detach().contiguous().cpu()
+        if v.untyped_storage().data_ptr() in stored:  # a tied weight (shared under two names): a copy per name,
+            v = v.clone()                             # which safetensors requires
+        stored.add(v.untyped_storage().data_ptr())
+        weights[k] = v
     save_file(weights, str(tmp / WEIGHTS), metadata={"step": str(step)})
     torch.save({"step": step, **(state or {})}, tmp / STATE)
     (tmp / CONFIG).write_text(yaml.safe_dump(config, sort_keys=False))

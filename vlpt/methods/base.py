@@ -19,6 +19,7 @@ from vlpt.data.masking import mask_image_regions
 from vlpt.engine import distributed, rng
 from vlpt.models.backbone import DualStream
 from vlpt.models.momentum import MomentumTeacher
+from vlpt.models.paired import PairedFusion, pair_from_fusion
 from vlpt.models.text import MLMHead, init_bert_, load_bert_weights
 from vlpt.objectives.contrastive import FeatureQueues
 from vlpt.registry import Registry
@@ -26,6 +27,9 @@ from vlpt.registry import Registry
 
 registry = Registry("method", package="vlpt.methods")
 register = registry.register
+
+# Losses every method may add to its own: text assignment, ALBEF's pretraining step before NLVR2 (Sec. 5).
+SHARED_LOSSES = ("nlvr_ta",)
 
 
 def available() -> list[str]:
@@ -35,11 +39,12 @@ def available() -> list[str]:
 def check(cfg: Config) -> type["Method"]:
     """The method class `cfg.method.name` names, once its losses are known to it; ConfigError otherwise."""
     cls = registry.get(cfg.method.name)
+    names = (*cls.loss_names, *SHARED_LOSSES)
     for loss in [*cfg.method.losses, *cfg.method.loss_weights]:
-        if loss not in cls.loss_names:
-            near = difflib.get_close_matches(loss, cls.loss_names, n=1)
+        if loss not in names:
+            near = difflib.get_close_matches(loss, names, n=1)
             raise ConfigError(f"method '{cls.name}' has no loss '{loss}'" + (f"; did you mean '{near[0]}'?" if near else "")
-                              + f" (its losses: {', '.join(cls.loss_names)})")
+                              + f" (its losses: {', '.join(names)})")
     return cls
 
 
@@ -53,7 +58,7 @@ class Method(nn.Module):
 
     name = "base"
     config = MethodConfig
-    loss_names: tuple[str, ...] = ("itc", "itm", "mlm")  # what `method.losses` may list
+    loss_names: tuple[str, ...] = ("itc", "itm", "mlm")  # what `method.losses` may list, besides SHARED_LOSSES
     momentum_teacher = True
     capabilities: frozenset[str] = frozenset()  # what visualisations and evaluations may ask of it
     # Checkpoints written before the backbone existed (format 1): old key prefix -> new.
@@ -75,6 +80,10 @@ class Method(nn.Module):
             self.load_pretrained_text(t.pretrained)
         for head in (self.vision_proj, self.text_proj, self.itm_head):
             init_bert_(head)
+        if "nlvr_ta" in m.losses:  # text assignment: the 3-way head on the paired fusion's pooled output
+            self.add_pair_fusion()
+            self.ta_head = nn.Linear(t.width, 3)
+            init_bert_(self.ta_head)
         self.temp = nn.Parameter(torch.tensor([m.temperature]))  # 1-D: FSDP shards no 0-d parameter
         self.register_load_state_dict_pre_hook(_temp_as_vector)
         self.teacher = self.queues = None
@@ -87,6 +96,16 @@ class Method(nn.Module):
     def load_pretrained_text(self, folder: str) -> None:
         """BERT weights into the text encoder, the fusion encoder's self-attention and MLP, and the MLM head."""
         load_bert_weights(folder, self.backbone.text, self.backbone.fusion, mlm_head=self.mlm_head)
+
+    def add_pair_fusion(self) -> PairedFusion:
+        """`pair_fusion`, ALBEF's fusion encoder for two images (Sec. 5; `models/paired.py`), made once as a copy of
+        the fusion encoder as it is now; a checkpoint without it, loaded later, gives it the fusion's weights."""
+        if getattr(self, "pair_fusion", None) is None:
+            self.pair_fusion = PairedFusion(self.backbone.fusion)
+            self.register_load_state_dict_pre_hook(
+                lambda module, state, prefix, *args: pair_from_fusion(state, prefix + "pair_fusion.",
+                                                                      prefix + "backbone.fusion."))
+        return self.pair_fusion
 
     # --- what the pipeline and the engine ask of a method ------------------------------------------------------------
     @property
@@ -109,8 +128,8 @@ class Method(nn.Module):
         return bool(set(self.loss_names) - set(self.cfg.method.losses))
 
     def block_owners(self) -> list[nn.Module]:
-        """Student modules made of blocks beyond the backbone's (a method's decoder)."""
-        return []
+        """Student modules made of blocks beyond the backbone's (a method's decoder, the paired fusion)."""
+        return [self.pair_fusion] if getattr(self, "pair_fusion", None) is not None else []
 
     def blocks(self) -> list[nn.Module]:
         """Every repeated transformer block, student and teacher: FSDP units, compile regions."""

@@ -93,7 +93,7 @@ class MaskVLM(Method):
         load_bert_weights(folder, self.backbone.text, fusion, mlm_head=self.mlm_head)
 
     def block_owners(self) -> list[nn.Module]:
-        return [self.decoder]
+        return [*super().block_owners(), self.decoder]
 
     def reconstruct(self, masked_tokens, text_hidden, text_mask):
         """phi_im: (masked) image tokens and text states -> predicted pixels per patch (B,N,patch*patch*3)."""
@@ -108,7 +108,7 @@ class MaskVLM(Method):
     def forward(self, batch: dict, step: int) -> dict[str, torch.Tensor]:
         losses, mv = self.cfg.method.losses, self.cfg.method.maskvlm
         f = steps.features(self, batch)  # in-batch keys: Eq. 2's symmetric InfoNCE, learnable temperature
-        out = steps.standard_losses(self, f, batch, step, [name for name in losses if name in ("itc", "itm")])
+        out = steps.standard_losses(self, f, batch, step, [n for n in losses if n in ("itc", "itm", "nlvr_ta")])
         if "mlm" not in losses and "mim" not in losses:
             return out
         patch_mask = self.image_mask(len(batch["image"]), step, batch["image"].device)

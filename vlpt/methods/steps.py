@@ -1,5 +1,6 @@
 """The computations ALBEF's family shares, as functions of a `Method` and one step's `Features`: ITC (Eq. 1-3, 6;
-CODIS Eq. 4-5), ITM with hard negatives (Eq. 4) and MLM with distillation (Eq. 5, 7)."""
+CODIS Eq. 4-5), ITM with hard negatives (Eq. 4), MLM with distillation (Eq. 5, 7) and NLVR2's text assignment
+(Sec. 5)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -8,6 +9,7 @@ import torch
 
 from vlpt.data.masking import masked_positions
 from vlpt.engine import distributed, rng
+from vlpt.objectives import assignment
 from vlpt.objectives.contrastive import alignment_loss
 from vlpt.objectives.masked_language import mlm_loss
 from vlpt.objectives.matching import itm_loss, sample_hard_negatives
@@ -117,8 +119,25 @@ def mlm(method, f: Features, batch: dict, step: int) -> torch.Tensor:
                     distributed.mean_count((labels >= 0).sum()))
 
 
+def text_assignment(method, f: Features, step: int) -> torch.Tensor:
+    """ALBEF Sec. 5 (TA before NLVR2): each caption with two images of the global batch, its own and one other or two
+    others (`assignment.draw_assignment`, from image-image similarity over the fixed 0.07; noise from a (seed, step)
+    generator sliced by rank), through the paired fusion; 3-way cross entropy on the pooled output."""
+    n_local, n_all = f.image_feat.shape[0], f.batch_size
+    rows = distributed.local_rows(n_local)
+    with torch.no_grad():
+        sim = f.image_feat @ distributed.gather(f.image_feat).t() / assignment.TEMPERATURE
+        gen = rng.generator("text_assignment", method.cfg.train.seed, step, device=sim.device)
+        noise = torch.rand(n_all, n_all + 2, generator=gen, device=sim.device)[rows]
+        own = torch.arange(rows.start, rows.stop, device=sim.device)
+        left, right, labels = assignment.draw_assignment(sim, f.positives[:, :n_all], own, noise)
+    tokens = distributed.gather(f.image_tokens, grad=True)
+    fused = method.pair_fusion(f.text_hidden, f.text_mask, tokens.index_select(0, left), tokens.index_select(0, right))
+    return assignment.ta_loss(method.ta_head(method.backbone.pool(fused, f.text_mask)), labels)
+
+
 def standard_losses(method, f: Features, batch: dict, step: int, losses, intra: bool = False) -> dict[str, torch.Tensor]:
-    """ITC, ITM and MLM, those of them listed in `losses`."""
+    """ITC, ITM, MLM and text assignment (`nlvr_ta`), those of them listed in `losses`."""
     out = {}
     if "itc" in losses:
         out["itc"] = itc(method, f, step, intra)
@@ -126,4 +145,6 @@ def standard_losses(method, f: Features, batch: dict, step: int, losses, intra: 
         out["itm"] = itm(method, f, step)
     if "mlm" in losses:
         out["mlm"] = mlm(method, f, batch, step)
+    if "nlvr_ta" in losses:
+        out["nlvr_ta"] = text_assignment(method, f, step)
     return out
