@@ -44,10 +44,9 @@ def cmd_shard(args) -> None:
 
 
 def cmd_pretrain(args) -> None:
-    from vlpt.config import load_config
-    from vlpt.pretrain import pretrain
+    from vlpt.pretrain import pretrain, pretrain_config
     overrides = list(args.overrides) + ([f"train.resume={args.resume}"] if args.resume else [])
-    cfg = load_config(find_config(args.config), overrides)
+    cfg = pretrain_config(find_config(args.config), overrides)
     print(f"run folder: {pretrain(cfg)}")
 
 

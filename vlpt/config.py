@@ -207,6 +207,9 @@ class TrainConfig:
     device: str = opt("auto", "auto, cpu, cuda or cuda:N")
     threads: int = opt(0, "torch intra-op threads on CPU; 0 keeps torch's default", NON_NEGATIVE)
     resume: str = opt("", "checkpoint folder, or 'latest' in train.out, to resume from")
+    init: str = opt("", "pretraining: checkpoint or run folder whose weights (and vocab, model and method sections) "
+                    "start the run, with a fresh optimiser at step 0, e.g. NLVR2's text assignment on a method's "
+                    "checkpoint; weights it lacks are reported")
     max_bad_steps: int = opt(3, "optimiser steps in a row whose loss or gradient norm is not finite (each one skipped: "
                                 "no update) before the run stops with an error; 1 stops at the first", POSITIVE)
     progress: bool = opt(True, "show a tqdm progress bar")
