@@ -187,13 +187,24 @@ def built_in_methods() -> set[str]:
     return {n for n in methods.available() if methods.registry.get(n).__module__.startswith("vlpt.methods.")}
 
 
-def test_the_shipped_presets_are_a_tiny_and_a_base_per_method_and_nothing_else():
+def test_the_shipped_presets_are_a_tiny_and_a_base_per_method_and_per_finetuned_task():
     """README, Adding a method: a method is its file and the presets NAME_{tiny,base}.yaml; the model presets
-    underneath them; no finetuning preset ships yet."""
+    underneath them. A task that trains ships finetune/TASK_tiny.yaml and base presets TASK[_DATASET]_base.yaml,
+    each selecting its task."""
+    from vlpt.tasks import registry
     assert built_in_methods() == {"albef", "codis", "maskvlm", "cbvila"}
-    assert {p.relative_to(CONFIGS).as_posix() for p in SHIPPED} == {
+    shipped = {p.relative_to(CONFIGS).as_posix() for p in SHIPPED}
+    assert {p for p in shipped if not p.startswith("finetune/")} == {
         "model/tiny.yaml", "model/base.yaml",
         *(f"pretrain/{m}_{size}.yaml" for m in built_in_methods() for size in ("tiny", "base"))}
+    trained = {name for name in registry.names() if registry.get(name).trains}
+    finetune = [p for p in SHIPPED if p.parent.name == "finetune"]
+    assert {p.stem.split("_")[0] for p in finetune} == trained
+    for task in trained:
+        names = {p.stem for p in finetune if p.stem.split("_")[0] == task}
+        assert f"{task}_tiny" in names and any(n.endswith("_base") for n in names), names
+    for path in finetune:
+        assert load_config(path).task.name == path.stem.split("_")[0], path
 
 
 @pytest.mark.parametrize("path", [p for p in SHIPPED if p.parent.name == "pretrain"], ids=lambda p: p.name)

@@ -234,7 +234,7 @@ def test_a_task_added_from_outside_finetunes_selects_the_best_step_and_evaluates
     assert kept.keys() == copy.keys() and all(torch.equal(kept[k], copy[k]) for k in kept)
     assert "head.weight" in copy and any(k.startswith("method.backbone.vision.") for k in copy)
     saved = yaml.safe_load((out / "best" / checkpoint.CONFIG).read_text())
-    assert saved["task"] == {"name": "match", "checkpoint": str(pretrained), "offset": 100}
+    assert saved["task"] == {"name": "match", "checkpoint": str(pretrained), "val_split": "val", "offset": 100}
 
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["protocol"] == "finetuned" and metrics["selected_step"] == selected

@@ -72,6 +72,21 @@ def cmd_evaluate(args) -> dict:
     return metrics
 
 
+def cmd_evaluate_all(args) -> dict:
+    from vlpt.engine.runtime import pick_device
+    from vlpt.tasks.base import evaluate_all
+    overrides = [f"data.num_workers={args.num_workers}", *([f"data.root={args.data}"] if args.data else [])]
+    tasks, results = evaluate_all(args.checkpoint, pick_device(args.device), args.split, args.tasks, overrides)
+    for name, metrics in results.items():
+        print(f"== {name}\n{tasks[name].table(metrics)}")
+    if args.out:  # one metrics.json of every task, and each task's own file (and figures) beside it
+        out = Path(args.out)
+        for name, metrics in results.items():
+            tasks[name].save(metrics, out / f"{name}.json")
+        (out / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
+    return results
+
+
 def cmd_demo(args) -> None:
     from vlpt.config import load_config
     from vlpt.data.synthetic import generate
@@ -151,6 +166,15 @@ def task_parsers(sub) -> None:
         s.add_argument("--device", default="auto")
         s.add_argument("--out", default="", help="write the metrics as JSON here")
         s.set_defaults(func=cmd_evaluate, options=task.options)
+    s = ev.add_parser("all", help="every task the checkpoint has a head for, and the zero-shot ones")
+    s.add_argument("--checkpoint", required=True, help="checkpoint folder or run folder")
+    s.add_argument("--data", default="", help="data folder (default: the checkpoint's data.root)")
+    s.add_argument("--split", default="test", help="the split's annotation files to read")
+    s.add_argument("--tasks", nargs="+", default=[], help="only these tasks (each must have its head)")
+    s.add_argument("--num-workers", type=int, default=2, help="image-loading workers (data.num_workers)")
+    s.add_argument("--device", default="auto")
+    s.add_argument("--out", default="", help="folder: metrics.json ({task: metrics}), and each task's file")
+    s.set_defaults(func=cmd_evaluate_all)
 
 
 def visualize_parsers(sub) -> None:

@@ -88,7 +88,11 @@ class ImageError(VlptError, OSError):
 
 
 def load_image(path: str | Path) -> Image.Image:
-    """An RGB image; ImageError naming the file when it is missing or corrupt."""
+    """An RGB image; ImageError naming the file when it is missing or corrupt. A name without an extension that is
+    no file is read with .jpg, else .png (SNLI-VE's records name Flickr30K images by id; ALBEF appends .jpg)."""
+    path = Path(path)
+    if not path.suffix and not path.exists():
+        path = next((p for p in (path.with_suffix(".jpg"), path.with_suffix(".png")) if p.exists()), path)
     try:
         with Image.open(path) as img:
             return img.convert("RGB")

@@ -2,7 +2,8 @@
 declared it needs (`Method.batch_needs`), `merge` joins collated parts of one batch (shard lanes) by the same pad
 rules, and `synthetic_batches` makes batches of the same layout without data (benchmarks).
 
-Keys: image (B,3,H,W), text_ids / text_mask (B,L), image_id (B,), skipped (a count); with `mlm`: mlm_ids,
+Keys: image (B,3,H,W), text_ids / text_mask (B,L), image_id (B,), skipped (a count), label (B,) when the samples
+have one (a task's class index); with `mlm`: mlm_ids,
 mlm_labels (B,L; IGNORE where nothing is predicted) and mlm_positions (M,: the masked tokens' indices in the
 flattened text, found on the host so the step need not wait for the device).
 """
@@ -47,6 +48,8 @@ class Collate:
         batch = {"image": torch.stack([s["image"] for s in samples]), "text_ids": ids, "text_mask": mask,
                  "image_id": torch.tensor([s["image_id"] for s in samples]),
                  "skipped": torch.tensor(sum(s["skipped"] for s in samples))}
+        if "label" in samples[0]:
+            batch["label"] = torch.tensor([s["label"] for s in samples])
         if "mlm" in self.needs:
             batch["mlm_ids"], batch["mlm_labels"] = ids.clone(), torch.full_like(ids, IGNORE)
             t = self.tokenizer

@@ -14,7 +14,9 @@ from vlpt.engine import rng
 
 
 class PairDataset(Dataset):
-    """Records {image, caption[, image_id]} -> {image, text, image_id}; keys are (index, draw) from the sampler.
+    """Records {image, caption[, image_id][, label]} -> {image, text, image_id[, label]}; keys are (index, draw) from
+    the sampler. A task gives its records in this shape (VE: sentence as caption, its class index as label); a
+    record with `images` (a list, NLVR2's pair, and an image_id) instead gives `image` (K,3,H,W), its images stacked.
 
     `draw` (the sample's position in the whole run) seeds its MLM mask, so masks are the same whatever the
     number of ranks or workers, and after a resume. With `skip_bad`, an unreadable image is replaced by the
@@ -30,13 +32,16 @@ class PairDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
+    def _transform_all(self, images: list) -> list[torch.Tensor]:
+        return [self.transform(image) for image in images]
+
     def __getitem__(self, key):
         index, draw = key if isinstance(key, tuple) else (key, key)
         for skipped in range(len(self.records)):
             i = (index + skipped) % len(self.records)
             record = self.records[i]
             try:
-                image = load_image(self.root / record["image"])
+                images = [load_image(self.root / p) for p in record.get("images", [record.get("image")])]
             except ImageError:
                 if not self.skip_bad:
                     raise
@@ -44,12 +49,15 @@ class PairDataset(Dataset):
             caption = record["caption"]
             if isinstance(caption, list):
                 caption = caption[draw % len(caption)]
-            if self.augment_seed is not None:
-                pixels = transform_seeded(self.transform, image, rng.seed_of("augment", self.augment_seed, draw))
+            if self.augment_seed is not None:  # one seed per draw; a record's images draw from it in turn
+                pixels = transform_seeded(self._transform_all, images, rng.seed_of("augment", self.augment_seed, draw))
             else:
-                pixels = self.transform(image)
-            return {"image": pixels, "text": caption, "image_id": self.image_ids[i],
-                    "draw": draw, "skipped": skipped}
+                pixels = self._transform_all(images)
+            sample = {"image": torch.stack(pixels) if "images" in record else pixels[0], "text": caption,
+                      "image_id": self.image_ids[i], "draw": draw, "skipped": skipped}
+            if "label" in record:
+                sample["label"] = record["label"]
+            return sample
         raise ImageError(f"no readable image among the {len(self.records)} records under {self.root}")
 
 
@@ -100,6 +108,14 @@ def pair_loader(records: list[dict], root, collate: Collate, *, image_size: int,
     return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate,
                       pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0,
                       prefetch_factor=4 if num_workers > 0 else None)
+
+
+def eval_loader(cfg, records: list[dict], tokenizer: Tokenizer) -> DataLoader:
+    """A task's records in order, once, without augmentation, `eval.batch_size` at a time; a missing or corrupt image
+    is an error naming it."""
+    collate = Collate(tokenizer, cfg.model.text.max_len)
+    dataset = PairDataset(records, cfg.data.root, image_transform(cfg.model.vision.image_size))
+    return DataLoader(dataset, batch_size=cfg.eval.batch_size, num_workers=cfg.data.num_workers, collate_fn=collate)
 
 
 def load_pairs(path: str | Path) -> list[dict]:

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from vlpt.errors import VlptError
 
-VERSION = 1
+VERSION = 2  # 2: val splits of every task; VE images named without extension
 SPLITS = ("train", "val", "test")
 COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 80, 235), "yellow": (240, 220, 40),
            "purple": (150, 60, 210), "orange": (245, 140, 20), "white": (240, 240, 240), "cyan": (40, 220, 230)}
@@ -315,7 +315,7 @@ def _pair_statements(left: tuple[Shape, ...], right: tuple[Shape, ...]) -> list[
 
 
 def nlvr_records(infos: list[ImageInfo], seed: int, split: str) -> list[dict]:
-    """One statement per image, paired with another image of the split; labels alternate true/false."""
+    """One statement per image, paired with another image of the split; labels alternate "True" / "False"."""
     records = []
     for i, info in enumerate(infos):
         rng = random.Random(f"{seed}-{split}-nlvr-{i}")
@@ -325,7 +325,8 @@ def nlvr_records(infos: list[ImageInfo], seed: int, split: str) -> list[dict]:
         rng.shuffle(groups)
         # the count comparisons always hold one true and two false statements, so some group fits
         fitting = next(g for g in ([s for s, truth in group if truth == label] for group in groups) if g)
-        records.append({"images": [info.path, infos[j].path], "sentence": rng.choice(fitting), "label": label})
+        records.append({"images": [info.path, infos[j].path], "sentence": rng.choice(fitting),
+                        "label": str(label)})  # "True" / "False", as ALBEF's released nlvr_*.json
     return records
 
 
@@ -340,12 +341,12 @@ def annotation_files(infos: dict[str, list[ImageInfo]], seed: int) -> dict[str, 
         files[f"retrieval_{split}.json"] = [{"image": x.path, "caption": x.captions} for x in infos[split]]
     files["retrieval_test_hard.json"] = [{"image": x.path, "caption": x.captions[0], "negatives": x.negatives}
                                          for x in test if x.negatives]
-    for split, items in (("train", train), ("test", test)):
+    for split, items in (("train", train), ("val", infos["val"]), ("test", test)):
         vqa = [(x.path, q, a) for x in items for q, a in x.questions]
         files[f"vqa_{split}.json"] = [{"image": p, "question": q, "answer": [a], "question_id": k}
                                       for k, (p, q, a) in enumerate(vqa)]
         files[f"nlvr_{split}.json"] = nlvr_records(items, seed, split)
-        files[f"ve_{split}.json"] = [{"image": x.path, "sentence": h, "label": lab}
+        files[f"ve_{split}.json"] = [{"image": x.path.removesuffix(".png"), "sentence": h, "label": lab}  # by id
                                      for x in items for h, lab in x.hypotheses]
         refs = [(x.path, text, box) for x in items for text, box in x.refs]
         files[f"grounding_{split}.json"] = [{"image": p, "text": t, "bbox": b, "ref_id": k}

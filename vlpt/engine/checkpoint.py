@@ -240,9 +240,14 @@ def load_weights(path: Path, model: torch.nn.Module, strict: bool = True) -> tup
         weights = load_file(str(path / WEIGHTS))
     except Exception as err:  # safetensors raises its own error types for truncated or corrupt files
         raise CheckpointError(f"corrupt checkpoint weights {path / WEIGHTS}: {err}") from None
-    if read_meta(path)["format"] == 1:
+    meta = read_meta(path)
+    if meta["format"] == 1:
         weights = migrate_keys(weights, getattr(model, "legacy_keys", {}))
     own = model.state_dict()
+    if meta.get("task") and not any(k.startswith("method.") for k in own):  # a task's encoders into a method:
+        weights = {k.removeprefix("method."): v for k, v in weights.items() if k.startswith("method.")}  # no head,
+        weights = {k: v for k, v in weights.items() if k in own or not k.startswith(("teacher.", "queues."))}
+    weights = resample_position_embeddings(weights, own)
     wrong = [f"{k} {tuple(v.shape)} (the model's: {tuple(own[k].shape)})" for k, v in weights.items()
              if k in own and v.shape != own[k].shape]
     if wrong:
@@ -253,6 +258,18 @@ def load_weights(path: Path, model: torch.nn.Module, strict: bool = True) -> tup
         raise CheckpointError(f"{path}: weights do not match the model ({len(missing)} missing: {missing[:5]}; "
                               f"{len(unexpected)} unexpected: {unexpected[:5]})")
     return missing, unexpected
+
+
+def resample_position_embeddings(weights: dict, own: dict) -> dict:
+    """ViT position embeddings of another grid (a 256 px checkpoint finetuned at 384 px) resampled to the model's,
+    bicubically, the [CLS] position kept (timm's `resample_abs_pos_embed`; ALBEF's `interpolate_pos_embed`)."""
+    from timm.layers import resample_abs_pos_embed
+    out = dict(weights)
+    for key, value in weights.items():
+        if key.endswith("pos_embed") and key in own and value.shape != own[key].shape and value.ndim == 3:
+            side = int(round((own[key].shape[1] - 1) ** 0.5))
+            out[key] = resample_abs_pos_embed(value, [side, side], num_prefix_tokens=1)
+    return out
 
 
 def load_state(path: Path) -> dict:
@@ -287,15 +304,18 @@ def load_state(path: Path) -> dict:
     return state
 
 
-def open_checkpoint(path: str | Path, overrides: list[str] = ()):
+def open_checkpoint(path: str | Path, overrides: list[str] = (), task: str = ""):
     """(checkpoint folder, its Config, its Tokenizer) from a checkpoint or run folder; the config does not point at
-    pretrained weights again (the checkpoint holds them), `overrides` are applied on top."""
+    pretrained weights again (the checkpoint holds them), `overrides` are applied on top. With `task`, the config
+    is that task's: the checkpoint's task keys if it was finetuned on that task, the task's defaults otherwise."""
     from vlpt.config import load_config as build_config
     from vlpt.data.tokenizer import Tokenizer
 
     path = resolve(path)
-    cfg = build_config(base=load_config(path),
-                       overrides=["model.text.pretrained=", "model.vision.pretrained=", *overrides])
+    base = load_config(path)
+    if task and base.get("task", {}).get("name") != task:
+        base["task"] = {"name": task}
+    cfg = build_config(base=base, overrides=["model.text.pretrained=", "model.vision.pretrained=", *overrides])
     return path, cfg, Tokenizer(path / VOCAB, cfg.model.text.preprocess)
 
 

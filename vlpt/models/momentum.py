@@ -22,6 +22,12 @@ class MomentumTeacher(nn.Module):
         self.copies.requires_grad_(False)
         self._students = list(students.values())  # a plain list: not registered, not saved twice
 
+    @torch.no_grad()
+    def reset(self) -> None:
+        """Every copy set to its student's current weights (a teacher starts from loaded weights, not random ones)."""
+        for t, s in zip(*self._pairs()):
+            t.copy_(s)
+
     def __getitem__(self, name: str) -> nn.Module:
         return self.copies[name]
 

@@ -10,6 +10,7 @@ from the registry.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
@@ -17,8 +18,10 @@ import torch
 from torch import nn
 
 from vlpt import methods
-from vlpt.config import Config, ConfigError, TaskConfig, load_config
+from vlpt.config import Config, ConfigError, TaskConfig, load_config, opt
+from vlpt.engine.logging import read_metrics
 from vlpt.errors import VlptError
+from vlpt.models.momentum import MomentumTeacher
 from vlpt.registry import Registry
 
 
@@ -26,16 +29,28 @@ registry = Registry("task", package="vlpt.tasks")
 register = registry.register
 
 
+@dataclass
+class SplitsConfig(TaskConfig):
+    """Keys of a task that reads annotation files per split; each task gives its own default `files`."""
+    files: str = opt("", "annotation files under data.root, '{split}' standing for train, the validation split and "
+                     "test (ALBEF's: coco_{split}.json, ve_{split}.json, nlvr_{split}.json)")
+
+    def split_file(self, root: str | Path, split: str) -> Path:
+        return Path(root) / self.files.format(split=split)
+
+
 class Task:
     name = ""
     config = TaskConfig
     trains = False  # whether it has a head to finetune (`vlpt finetune NAME`)
+    zero_shot = False  # whether a trainable task also evaluates a checkpoint without its head (retrieval)
     select = ""     # the validation metric whose highest value keeps the best checkpoint
     options: tuple[str, ...] = ()  # config keys `vlpt evaluate NAME` takes as flags (--leaf-name)
 
     def __init__(self, cfg: Config, tokenizer, device: torch.device):
         self.cfg, self.tokenizer, self.device = cfg, tokenizer, device
         self.data = Path(cfg.data.root)
+        self.meta: dict = {}  # the meta.json of the checkpoint the evaluated model was loaded from
 
     def build(self, method: nn.Module) -> nn.Module:
         """The task model: the method's encoders and the task's head (a `TaskModel`)."""
@@ -68,6 +83,14 @@ class TaskModel(nn.Module):
     def __init__(self, method: nn.Module):
         super().__init__()
         self.method = method
+        self.teacher: MomentumTeacher | None = None  # the task's own (`replace_teacher`)
+
+    def replace_teacher(self, parts: dict[str, nn.Module] | None) -> None:
+        """Drop the method's momentum teacher and queues (pretraining's) and, given `parts` (the modules the task
+        runs, its head included), make a teacher of those, copied now: from `build`, which runs after the pretrained
+        weights are loaded, it starts as the loaded student (ALBEF's NLVR.py copies before loading: a random one)."""
+        self.method.teacher = self.method.queues = None
+        self.teacher = MomentumTeacher(parts, self.method.cfg.method.momentum) if parts else None
 
     @property
     def legacy_keys(self) -> dict[str, str]:
@@ -75,9 +98,15 @@ class TaskModel(nn.Module):
 
     def after_step(self, step: int) -> None:
         self.method.after_step(step)
+        if self.teacher is not None:
+            self.teacher.update()
 
     def blocks(self) -> list[nn.Module]:
-        return self.method.blocks()
+        found = self.method.blocks()
+        if self.teacher is not None:  # the blocks of its copies: a backbone's, a fusion encoder's layers
+            found += [b for m in self.teacher.copies.values()
+                      for b in (m.blocks() if hasattr(m, "blocks") else getattr(m, "layers", []))]
+        return found
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.method.set_grad_checkpointing(enable)
@@ -115,16 +144,22 @@ def finetune(cfg: Config) -> Path:
     resume = checkpoint.resolve(cfg.train.resume, cfg.train.out) if cfg.train.resume else None
     torch.manual_seed(cfg.train.seed)
     method = methods.build(cfg, tokenizer.vocab_size)
-    report_keys(source, checkpoint.load_weights(source, method, strict=False))
+    missing, unexpected = checkpoint.load_weights(source, method, strict=False)
+    report_keys(source, (missing, unexpected))
+    if method.teacher is not None and any(k.startswith("teacher.") for k in missing):
+        method.teacher.reset()  # a checkpoint without the teacher's copies: it starts as the loaded student
     task = task_cls(cfg, tokenizer, device)
     model = task.build(method).to(device)
-    meta = {"method": cfg.method.name, "task": task.name,
-            "heads": sorted({*checkpoint.read_meta(source).get("heads", []), task.name})}
+    meta = {"method": cfg.method.name, "task": task.name, "heads": [task.name], "data": cfg.data.root}
     out = fit(model, cfg, device, task.batches, vocab=tokenizer.vocab_path, resume=resume,
-              evaluate=lambda m: task.evaluate(m, "val"), select=task.select, meta=meta, desc=task.name)
+              evaluate=lambda m: task.evaluate(m, cfg.task.val_split), select=task.select, meta=meta,
+              desc=task.name)
     checkpoint.load_weights(out / "best", model)
     model.eval()
-    metrics = {"protocol": "finetuned", "selected_step": checkpoint.read_meta(out / "best")["step"],
+    step = checkpoint.read_meta(out / "best")["step"]
+    selected = [r for r in read_metrics(out) if r["step"] == step and f"val_{task.select}" in r][-1:]
+    metrics = {"protocol": "finetuned", "selected_step": step,  # with the validation metrics of that step
+               **{k: v for row in selected for k, v in row.items() if k.startswith("val_")},
                **task.evaluate(model, "test")}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return out
@@ -141,19 +176,58 @@ def report_keys(path: Path, keys: tuple[list[str], list[str]]) -> None:
 
 def load(task_cls: type[Task], path: str | Path, device, overrides: list[str] = ()):
     """(task, model in eval mode) from a checkpoint: a method's, or for a task that trains, one finetuned on it (its
-    head recorded in meta.json; otherwise an error saying what to run first)."""
+    head recorded in meta.json; otherwise, unless the task also runs zero-shot, an error saying what to run
+    first). A task checkpoint's encoders serve a method-only task too (its `method.` weights)."""
     from vlpt.engine import checkpoint
 
-    path, cfg, tokenizer = checkpoint.open_checkpoint(path, [f"task.name={task_cls.name}", *overrides])
+    path, cfg, tokenizer = checkpoint.open_checkpoint(path, overrides, task=task_cls.name)
     task = task_cls(cfg, tokenizer, device)
+    task.meta = checkpoint.read_meta(path)
     model = methods.build(cfg, tokenizer.vocab_size)
-    if task_cls.trains:
-        if task_cls.name not in checkpoint.read_meta(path).get("heads", []):
-            raise VlptError(f"{path} has no trained '{task_cls.name}' head: run `vlpt finetune {task_cls.name} "
-                            f"--checkpoint {path}` first")
+    if task_cls.trains and task_cls.name in task.meta.get("heads", []):
         model = task.build(model)
+    elif task_cls.trains and not task_cls.zero_shot:
+        raise VlptError(f"{path} has no trained '{task_cls.name}' head: run `vlpt finetune {task_cls.name} "
+                        f"--checkpoint {path}` first")
+    elif task.meta.get("task"):  # another task's checkpoint: its encoders; evaluation needs no teacher or queue
+        model.teacher = model.queues = None
     checkpoint.load_weights(path, model)
     return task, model.to(device).eval()
+
+
+def runnable(path: str | Path) -> tuple[list[str], list[str]]:
+    """(tasks a checkpoint can be evaluated on: those whose head it has trained and those that need none; the
+    others, which need `vlpt finetune` first)."""
+    from vlpt.engine import checkpoint
+    heads = checkpoint.read_meta(checkpoint.resolve(path)).get("heads", [])
+    names = registry.names()
+    ready = [n for n in names if not registry.get(n).trains or registry.get(n).zero_shot or n in heads]
+    return ready, [n for n in names if n not in ready]
+
+
+def evaluate_all(path: str | Path, device, split: str = "test", tasks: list[str] = (), overrides: list[str] = ()
+                 ) -> tuple[dict[str, Task], dict[str, dict]]:
+    """Every task of `runnable(path)` (or just `tasks`, each of which must be), on `split`: ({name: task},
+    {name: metrics}); a zero-shot task whose annotation file the data folder lacks is skipped with a line."""
+    from vlpt.errors import MissingFileError
+    ready, untrained = runnable(path)
+    for name in tasks:
+        registry.get(name)  # an unknown name: the registry's error, with the known ones
+        if name in untrained:
+            raise VlptError(f"{path} has no trained '{name}' head: run `vlpt finetune {name} --checkpoint {path}` "
+                            f"first")
+    done, results = {}, {}
+    for name in tasks or ready:
+        try:
+            done[name], results[name] = evaluate_checkpoint(name, path, device, split, overrides)
+        except MissingFileError as err:
+            if tasks:
+                raise
+            print(f"skipped {name}: {err}")
+    if untrained and not tasks:
+        print(f"not evaluated (no trained head; `vlpt finetune NAME --checkpoint {path}` first): "
+              f"{', '.join(untrained)}")
+    return done, results
 
 
 def evaluate_checkpoint(name: str, path: str | Path, device, split: str = "test", overrides: list[str] = ()):

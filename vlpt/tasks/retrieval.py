@@ -1,11 +1,14 @@
-"""Zero-shot image-text retrieval (ALBEF Sec. 5) as a task: ITC similarities for all pairs, then the top-k candidates
-reranked by ITM; on a method with a visual codebook, also the codewords the split's patches use.
+"""Image-text retrieval (ALBEF Sec. 5), zero-shot or finetuned: ITC similarities for all pairs, then the top-k
+candidates reranked by ITM; on a method with a visual codebook, also the codewords the split's patches use.
+Finetuning trains the method's own ITC (image-id positives in batch and queue, distilled) and ITM, as ALBEF's
+`Retrieval.py`.
 
 Reranking runs many (image, text) pairs per fusion forward pass; `rerank_loop` is the per-query loop of the
 reference implementation, kept for the benchmark that compares the two.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -13,10 +16,13 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from vlpt.config import opt
 from vlpt.data.annotations import AnnotationError, load_annotations
-from vlpt.data.loader import ImageFiles
+from vlpt.data.loader import ImageFiles, train_loader
 from vlpt.data.transforms import image_transform
-from vlpt.tasks.base import Task, register
+from vlpt.engine import distributed
+from vlpt.methods import steps
+from vlpt.tasks.base import SplitsConfig, Task, TaskModel, register
 
 
 def read_split(path: str | Path) -> tuple[list[str], list[str], list[list[int]], np.ndarray]:
@@ -178,27 +184,70 @@ def binding_scores(model, annotation: str | Path, root: str | Path, tokenizer, *
     return list(zip(itc.cpu().split(sizes), itm.cpu().split(sizes)))
 
 
-@register("retrieval")
-class ZeroShotRetrieval(Task):
-    """`vlpt evaluate retrieval`: reads `retrieval_<split>.json` (ALBEF's test format) under the data folder, and
-    `retrieval_<split>_hard.json` (binding negatives) when it is there."""
+@dataclass
+class RetrievalConfig(SplitsConfig):
+    files: str = opt("retrieval_{split}.json", "annotation files under data.root, '{split}' standing for train, val "
+                     "and test: train as pairs {image, caption, image_id}, val and test in ALBEF's format {image, "
+                     "caption list}; <file>_hard.json beside them adds attribute binding (true caption vs swapped)")
 
+
+class RetrievalModel(TaskModel):
+    """The method's ITC (ALBEF Eq. 1-3, 6; captions of one image positives of each other) and ITM (Eq. 4)."""
+
+    losses = ["itc", "itm"]
+
+    def forward(self, batch: dict, step: int) -> dict:
+        f = steps.features(self.method, batch)
+        out = {"itc": steps.itc(self.method, f, step), "itm": steps.itm(self.method, f, step)}
+        if self.method.queues is not None:
+            steps.push_queues(self.method, f)
+        return out
+
+
+@register("retrieval", RetrievalConfig)
+class Retrieval(Task):
+    """image-text retrieval: `vlpt evaluate retrieval` on any checkpoint (zero-shot), `vlpt finetune retrieval`"""
+
+    trains, zero_shot, select = True, True, "r_mean"
     options = ("eval.k", "eval.batch_size", "eval.itc_weight")
+
+    def build(self, method) -> RetrievalModel:
+        if method.queues is not None:  # the pretraining queue's image ids name other images: none is a positive
+            method.queues.ids.fill_(-1)
+        return RetrievalModel(method)
+
+    def batches(self, start: int):
+        records = load_annotations(self.cfg.task.split_file(self.data, "train"), "pretrain")
+        needs = set()  # ITC and ITM only: no masked text
+        return train_loader(self.cfg, records, self.tokenizer, needs, distributed.rank(), distributed.world_size(),
+                            start)
+
+    def protocol(self, model) -> str:
+        """'zero-shot' for a pretraining checkpoint, 'finetuned' on the data it was finetuned on, else a transfer."""
+        if not isinstance(model, TaskModel):
+            return "zero-shot"
+        trained_on = Path(self.meta.get("data", self.cfg.data.root))
+        if trained_on.resolve() == self.data.resolve():
+            return "finetuned"
+        return f"{trained_on.name}-finetuned transfer to {self.data.name}"
 
     def evaluate(self, model, split: str) -> dict:
         e, cfg = self.cfg.eval, self.cfg
-        metrics = {"protocol": "zero-shot", **evaluate(
-            model, self.data / f"retrieval_{split}.json", self.data, self.tokenizer,
+        protocol = self.protocol(model)
+        model = model.method if isinstance(model, TaskModel) else model
+        annotation = cfg.task.split_file(self.data, split)
+        metrics = {"protocol": protocol, **evaluate(
+            model, annotation, self.data, self.tokenizer,
             image_size=cfg.model.vision.image_size, max_len=cfg.model.text.max_len, k=e.k, batch_size=e.batch_size,
             itc_weight=e.itc_weight, device=self.device, num_workers=cfg.data.num_workers)}
-        hard = self.data / f"retrieval_{split}_hard.json"
+        hard = annotation.with_name(annotation.stem + "_hard.json")
         if hard.is_file():  # attribute binding: the true caption against captions with attributes swapped
             metrics.update(binding(model, hard, self.data, self.tokenizer, image_size=cfg.model.vision.image_size,
                                    max_len=cfg.model.text.max_len, batch_size=e.batch_size, device=self.device,
                                    num_workers=cfg.data.num_workers))
         if "codebook" in model.capabilities:  # how much of the visual codebook the split's patches use
             from vlpt.viz.codebook import assign_codewords, usage
-            images = [self.data / p for p in read_split(self.data / f"retrieval_{split}.json")[0]]
+            images = [self.data / p for p in read_split(annotation)[0]]
             indices = assign_codewords(model, images, image_size=cfg.model.vision.image_size,
                                        batch_size=e.batch_size, device=self.device, num_workers=cfg.data.num_workers)
             metrics.update(usage(indices, len(model.quantizer.codewords)))
