@@ -182,7 +182,7 @@ def test_the_teacher_starts_as_the_loaded_student(assigned, shapes_data, tmp_pat
 
 
 @pytest.mark.filterwarnings("ignore:NLVR2 dev accuracy")  # two steps stay at chance
-@pytest.mark.parametrize("source, fusion", [("assigned", "paired"), ("maskvlm", "separate")])
+@pytest.mark.parametrize("source, fusion", [("assigned", "paired"), ("albef", "paired"), ("maskvlm", "separate")])
 def test_finetune_and_evaluate_through_the_cli(source, fusion, request, shapes_data, tmp_path, capsys):
     start = request.getfixturevalue(source)
     out = tmp_path / "ft"
@@ -205,12 +205,17 @@ def test_finetune_and_evaluate_through_the_cli(source, fusion, request, shapes_d
     assert "NLVR2 test_p" in capsys.readouterr().out
     assert json.loads(result.read_text()) == {k: v for k, v in metrics.items() if k.startswith("test_p_")}
     weights = load_file(str(out / "best" / checkpoint.WEIGHTS))
-    if fusion == "paired":
-        assert torch.equal(weights["method.pair_fusion.layers.0.first.cross.key.weight"],
-                           weights["method.pair_fusion.layers.0.second.cross.key.weight"])
+    if fusion == "paired":  # the text-assignment run's paired fusion is the method's, else the task's own
+        pair = "method.pair_fusion" if source == "assigned" else "pair_fusion"
+        assert torch.equal(weights[f"{pair}.layers.0.first.cross.key.weight"],
+                           weights[f"{pair}.layers.0.second.cross.key.weight"])
         assert any(k.startswith("teacher.copies.pair_fusion.") for k in weights)
     else:
         assert not any("pair_fusion" in k or k.startswith("teacher.") for k in weights)
+    # its encoders serve the zero-shot tasks too
+    vlpt.cli.main(["evaluate", "all", "--checkpoint", str(out / "best"), "--tasks", "nlvr", "retrieval",
+                   "--num-workers", "0", "--device", "cpu"])
+    assert "NLVR2 test_p" in capsys.readouterr().out
 
 
 def test_a_warning_when_dev_accuracy_stays_at_chance(albef, shapes_data):

@@ -29,6 +29,7 @@ from vlpt.data.annotations import AnnotationError, load_annotations
 from vlpt.data.collate import Collate
 from vlpt.data.loader import eval_loader, pair_loader
 from vlpt.engine import distributed
+from vlpt.models.paired import PairedFusion
 from vlpt.models.text import init_bert_
 from vlpt.objectives.masked_language import mlm_loss
 from vlpt.tasks.base import SplitsConfig, Task, TaskModel, register
@@ -86,10 +87,24 @@ class NLVRModel(TaskModel):
                                   nn.Linear(width, 2))
         init_bert_(self.head)
         parts = {"backbone": method.backbone, "head": self.head}
-        if fusion == "paired":
-            parts["pair_fusion"] = method.add_pair_fusion()  # the text-assignment one, or a copy of the fusion
+        if fusion == "paired":  # the method's, trained by text assignment; else the task's copy of the fusion
+            pair = getattr(method, "pair_fusion", None)
+            if pair is None:
+                pair = self.pair_fusion = PairedFusion(method.backbone.fusion)
+            parts["pair_fusion"] = pair
         self.parts = parts  # a plain dict: each module is registered where it lives
         self.replace_teacher(parts if distill and method.momentum_teacher else None)
+
+    def own_pair(self) -> list[PairedFusion]:
+        return [self.pair_fusion] if getattr(self, "pair_fusion", None) is not None else []
+
+    def blocks(self) -> list[nn.Module]:
+        return [*super().blocks(), *(layer for pair in self.own_pair() for layer in pair.layers)]
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        super().set_grad_checkpointing(enable)
+        for pair in self.own_pair():
+            pair.set_grad_checkpointing(enable)
 
     def logits(self, batch: dict, parts) -> torch.Tensor:
         """(B,2) false / true logits from `parts` (the student's modules or the teacher's copies)."""
