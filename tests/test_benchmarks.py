@@ -33,3 +33,13 @@ def test_compare_methods_trains_and_evaluates_a_row(shapes_data, tmp_path, capsy
                           "--device", "cpu", "--out", str(tmp_path), *TINY])
     out = capsys.readouterr().out
     assert "| albef |" in out and "cbvila:mlm+itm+pixel" in out
+
+
+def test_downstream_runs_every_stage_of_a_method(shapes_data, tmp_path, capsys):
+    import downstream
+    downstream.main(["--data", str(shapes_data), "--methods", "maskvlm", "--out", str(tmp_path), *TINY,
+                     "train.steps=2", "train.save_every=2", "train.eval_every=2", "eval.batch_size=16"])
+    out = capsys.readouterr().out
+    for stage in ("| maskvlm | retrieval, finetuned |", "| maskvlm | SNLI-VE |", "| maskvlm | NLVR2 (test-P) |"):
+        assert stage in out
+    assert "NLVR2 text assignment" not in out  # MaskVLM's NLVR2 fuses each image separately, without TA

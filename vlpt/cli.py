@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 from vlpt.errors import MissingFileError, VlptError
@@ -88,22 +87,10 @@ def cmd_evaluate_all(args) -> dict:
 
 
 def cmd_demo(args) -> None:
-    from vlpt.config import load_config
-    from vlpt.data.synthetic import generate
-    from vlpt.pretrain import pretrain
-
-    start = time.perf_counter()
-    data = Path(args.data)
-    if not (data / "meta.json").is_file():
-        generate(out=data, seed=0)
-    out = Path(args.out) / args.method
-    cfg = load_config(find_config(f"pretrain/{args.method}_tiny.yaml"),
-                      [f"data.root={data}", f"train.out={out}", *args.overrides])
-    pretrain(cfg)
-    cmd_evaluate(argparse.Namespace(task="retrieval", checkpoint=str(out), data=str(data), split="test", k=None,
-                                    batch_size=None, itc_weight=None, options=(), out=str(out / "metrics.json"),
-                                    device="auto", num_workers=cfg.data.num_workers))
-    print(f"demo finished in {time.perf_counter() - start:.0f} s; metrics in {out / 'metrics.json'}")
+    from vlpt import demo
+    rows = demo.run(args.method, Path(args.data), Path(args.out), args.overrides)
+    print(demo.table(rows))
+    print(f"metrics of every stage under {args.out}; this table in {Path(args.out) / 'demo.json'}")
 
 
 def cmd_visualize(args) -> None:
@@ -228,11 +215,12 @@ def parser() -> argparse.ArgumentParser:
 
     task_parsers(sub)
 
-    s = sub.add_parser("demo", help="generate data if missing, pretrain a tiny model, evaluate retrieval")
+    s = sub.add_parser("demo", help="generate data if missing, pretrain a tiny model, evaluate it zero-shot, finetune "
+                                    "and evaluate every downstream task: one table")
     s.add_argument("--method", default="albef")
     s.add_argument("--data", default="data/shapes")
     s.add_argument("--out", default="runs/demo")
-    s.add_argument("overrides", nargs="*", help="key=value overrides of the tiny config")
+    s.add_argument("overrides", nargs="*", help="key=value overrides of every stage's tiny config")
     s.set_defaults(func=cmd_demo)
 
     visualize_parsers(sub)

@@ -1,0 +1,23 @@
+"""`vlpt demo`: every stage runs on the embedded data and lands in one table (tiny model, a few steps each)."""
+import json
+
+from vlpt.cli import main
+from helpers import TINY
+
+
+def test_demo_runs_every_stage_and_prints_one_table(shapes_data, tmp_path, capsys):
+    steps = ["train.steps=2", "train.save_every=2", "train.eval_every=2", "eval.batch_size=16"]
+    main(["demo", "--data", str(shapes_data), "--out", str(tmp_path), *TINY, *steps])
+    printed = capsys.readouterr().out
+    rows = json.loads((tmp_path / "demo.json").read_text())
+    stages = [r["stage"] for r in rows]
+    assert stages == ["data", "pretrain albef", "retrieval, zero-shot", "  binding (hard negatives)",
+                      "classification, zero-shot", "retrieval, finetuned", "SNLI-VE", "NLVR2 text assignment",
+                      "NLVR2 (test-P)"]
+    for r in rows:
+        assert r["stage"] in printed and r["seconds"] >= 0
+    zero = json.loads((tmp_path / "albef" / "metrics.json").read_text())
+    assert rows[2]["value"] == zero["img_r1"] and rows[5]["baseline_value"] == zero["img_r1"]
+    ve = json.loads((tmp_path / "ve" / "metrics.json").read_text())
+    assert rows[6]["value"] == ve["accuracy"] and rows[6]["baseline_value"] == ve["majority_baseline"]
+    assert "total" in printed.splitlines()[-2]
