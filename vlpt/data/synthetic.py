@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from vlpt.errors import VlptError
 
-VERSION = 2  # 2: val splits of every task; VE images named without extension
+VERSION = 2  # 2: val splits of every task; VE images named without extension; ten VQA answers
 SPLITS = ("train", "val", "test")
 COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 80, 235), "yellow": (240, 220, 40),
            "purple": (150, 60, 210), "orange": (245, 140, 20), "white": (240, 240, 240), "cyan": (40, 220, 230)}
@@ -224,6 +224,21 @@ def questions(scene: tuple[Shape, ...], rng: random.Random, yes: bool) -> list[t
             (f"where is the {s.name}", PLACES[s.cell]), (f"is there {_a(asked)}", "yes" if yes else "no")]
 
 
+QUESTION_TYPES = ("colour", "shape", "count", "place", "yes/no")  # the kinds `questions` asks, in its order
+ALTERNATIVES = {"colour": tuple(COLOURS), "shape": SHAPES, "count": NUMBERS[:4], "place": PLACES,
+                "yes/no": ("yes", "no")}
+
+
+def annotators(answer: str, kind: str, rng: random.Random) -> list[str]:
+    """Ten annotators' answers, as VQA v2 has: 6 to 10 give the true answer, the others another answer of the same
+    kind; so the official score (min(1, matches / 3)) gives the true answer 1 and a minority answer partial credit."""
+    right = rng.randint(6, 10)
+    others = [a for a in ALTERNATIVES[kind] if a != answer]
+    answers = [answer] * right + [rng.choice(others) for _ in range(10 - right)]
+    rng.shuffle(answers)
+    return answers
+
+
 def hypotheses(scene: tuple[Shape, ...], rng: random.Random) -> list[tuple[str, str]]:
     """One entailed, one neutral and one contradicted statement about the scene."""
     s = rng.choice(scene)
@@ -342,9 +357,10 @@ def annotation_files(infos: dict[str, list[ImageInfo]], seed: int) -> dict[str, 
     files["retrieval_test_hard.json"] = [{"image": x.path, "caption": x.captions[0], "negatives": x.negatives}
                                          for x in test if x.negatives]
     for split, items in (("train", train), ("val", infos["val"]), ("test", test)):
-        vqa = [(x.path, q, a) for x in items for q, a in x.questions]
-        files[f"vqa_{split}.json"] = [{"image": p, "question": q, "answer": [a], "question_id": k}
-                                      for k, (p, q, a) in enumerate(vqa)]
+        vqa = [(x.path, q, a, kind) for x in items for (q, a), kind in zip(x.questions, QUESTION_TYPES)]
+        files[f"vqa_{split}.json"] = [
+            {"image": p, "question": q, "answer": annotators(a, kind, random.Random(f"{seed}-{split}-vqa-{k}")),
+             "question_id": k, "question_type": kind, "dataset": "vqa"} for k, (p, q, a, kind) in enumerate(vqa)]
         files[f"nlvr_{split}.json"] = nlvr_records(items, seed, split)
         files[f"ve_{split}.json"] = [{"image": x.path.removesuffix(".png"), "sentence": h, "label": lab}  # by id
                                      for x in items for h, lab in x.hypotheses]
