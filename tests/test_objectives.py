@@ -453,3 +453,24 @@ def test_random_share_mixes_hard_negatives_with_uniform_draws():
         expected[0] = 0                        # the positive is never drawn: the others' weights renormalised
         expected = expected / expected.sum()
         assert torch.allclose(share, expected, atol=0.02), (r, share)
+
+
+def test_itm_negatives_are_uniform_for_the_first_easy_steps_then_hard(shapes_data, tmp_path, monkeypatch):
+    """method.itm_easy_steps = E: steps before E draw ITM negatives uniformly (random_share 1), from E on by
+    contrastive similarity (ALBEF, random_share 0)."""
+    from helpers import config
+    from vlpt import methods
+    from vlpt.data.loader import captions, train_loader, training_set
+    from vlpt.data.tokenizer import tokenizer_for
+    from vlpt.methods import steps
+    cfg = config(shapes_data, tmp_path, "method.itm_easy_steps=3", "method.losses=[itc,itm]")
+    data = training_set(cfg)
+    tokenizer = tokenizer_for(cfg, captions(data), tmp_path)
+    model = methods.build(cfg, tokenizer.vocab_size)
+    batch = next(iter(train_loader(cfg, data, tokenizer)))
+    shares = []
+    real = steps.sample_hard_negatives
+    monkeypatch.setattr(steps, "sample_hard_negatives", lambda *a: shares.append(a[3]) or real(*a))
+    for step in range(5):
+        model(batch, step)
+    assert shares == [1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0]  # images' and texts' draws per step

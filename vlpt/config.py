@@ -125,8 +125,8 @@ class MethodConfig:
     mlm_probability: float = opt(0.15, "fraction of text tokens masked for MLM (MaskVLM: 0.3, Table 7)",
                                  MLM_PROBABILITY)
     mlm_mask_only: bool = opt(False, "every masked token becomes [MASK] (MaskVLM) instead of BERT's 80/10/10 mask/random/keep")
-    itm_easy_steps: int = opt(0, "steps over which ITM's negatives move linearly from uniformly random to ALBEF's hard "
-                              "ones (drawn by ITC similarity); 0: hard from the first step (ALBEF)", check=NON_NEGATIVE)
+    itm_easy_steps: int = opt(0, "steps whose ITM negatives are drawn uniformly at random, before ALBEF's hard ones "
+                              "(drawn by ITC similarity); 0: hard from the first step (ALBEF)", check=NON_NEGATIVE)
 
     def validate(self, prefix: str, root) -> None:
         """Cross-field rules; a method's subclass adds its own (calling this one), with `root`, the whole config,

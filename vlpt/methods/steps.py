@@ -72,9 +72,9 @@ def itc(method, f: Features, step: int, intra: bool = False) -> torch.Tensor:
 
 def itm(method, f: Features, step: int) -> torch.Tensor:
     """ALBEF Eq. 4: one hard negative text per image and one hard negative image per text, drawn from the whole
-    (global) batch by contrastive similarity (mixed with uniform draws over the first `method.itm_easy_steps`); the noise comes from a (seed, step) generator sliced by rank, so
-    N ranks draw what one process with the global batch would. Rows: [positives | negative images | negative
-    texts], labels 1 for the first third."""
+    (global) batch by contrastive similarity (uniformly at random over the first `method.itm_easy_steps`: issue 13);
+    the noise comes from a (seed, step) generator sliced by rank, so N ranks draw what one process with the global
+    batch would. Rows: [positives | negative images | negative texts], labels 1 for the first third."""
     n_local, n_all = f.image_feat.shape[0], f.batch_size
     temp = method.temperature()
     with torch.no_grad():
@@ -84,7 +84,7 @@ def itm(method, f: Features, step: int) -> torch.Tensor:
         noise = torch.rand(2, n_all, n_all, generator=gen, device=sim_i2t.device)[:, distributed.local_rows(n_local)]
         positives = f.positives[:, :n_all]
         easy = method.cfg.method.itm_easy_steps
-        share = max(0.0, 1.0 - step / easy) if easy > 0 else 0.0  # random negatives first, then hard ones
+        share = 1.0 if step < easy else 0.0  # random negatives first, then hard ones
         neg_image = sample_hard_negatives(sim_t2i, positives, noise[0], share)
         neg_text = sample_hard_negatives(sim_i2t, positives, noise[1], share)
     all_tokens = distributed.gather(f.image_tokens, grad=True)
