@@ -31,7 +31,7 @@ from vlpt.data.loader import eval_loader, pair_loader
 from vlpt.engine import distributed
 from vlpt.models.paired import PairedFusion
 from vlpt.models.text import init_bert_
-from vlpt.objectives.masked_language import mlm_loss
+from vlpt.objectives.classification import distilled_cross_entropy
 from vlpt.tasks.base import SplitsConfig, Task, TaskModel, register
 
 LABELS = {"true": 1, "false": 0}  # ALBEF's files spell them "True" / "False" (nlvr_dataset.py: label == 'True')
@@ -126,7 +126,7 @@ class NLVRModel(TaskModel):
         if self.teacher is not None:
             with torch.no_grad():
                 teacher = self.logits(batch, self.teacher.copies)
-        return {"nlvr": mlm_loss(logits, labels, teacher, self.method.alpha(step)),
+        return {"nlvr": distilled_cross_entropy(logits, labels, teacher, self.method.alpha(step)),
                 "accuracy": (logits.argmax(1) == labels).float().mean()}
 
 
