@@ -35,7 +35,7 @@ def run(method: str, data: Path, out: Path, overrides: list[str] = (), tasks=FIN
     """Every stage for `method` under `out`, `overrides` applied to each stage's preset; returns the table's rows
     (also written to `out/demo.json`)."""
     from vlpt.data.synthetic import generate
-    from vlpt.pretrain import pretrain
+    from vlpt.pretrain import pretrain, pretrain_config
     from vlpt.tasks.base import evaluate_checkpoint, finetune, finetune_config
 
     start = time.perf_counter()
@@ -65,8 +65,8 @@ def run(method: str, data: Path, out: Path, overrides: list[str] = (), tasks=FIN
             extra = [f"task.fusion={fusion}"]
             if fusion == "paired":  # ALBEF's text assignment first; NLVR2 starts from that run
                 source = out / "nlvr_ta"
-                ta = load_config(find_config("finetune/nlvr_ta_tiny.yaml"),
-                                 [*overrides, f"train.init={pre}", f"data.root={data}", f"train.out={source}"])
+                ta = pretrain_config(find_config("finetune/nlvr_ta_tiny.yaml"),
+                                     [*overrides, f"train.init={pre}", f"data.root={data}", f"train.out={source}"])
                 rows.append(row("NLVR2 text assignment", timed(lambda: pretrain(ta))[1]))
         ft = finetune_config(find_config(f"finetune/{task}_tiny.yaml"),
                              [*overrides, f"task.checkpoint={source}", f"data.root={data}", f"train.out={out / task}",

@@ -52,7 +52,7 @@ def encode_split(model, images: list[Path], texts: list[str], tokenizer, image_s
     text_hidden, text_feat, text_mask = [], [], []
     for start in tqdm(range(0, len(texts), batch_size), desc="texts", disable=None if progress else True,
                       leave=False):
-        ids, mask = tokenizer(texts[start:start + batch_size], max_len)
+        ids, mask = tokenizer(texts[start:start + batch_size], max_len, True)  # one width: batches concatenate
         hidden, feat = model.encode_text(ids.to(device), mask.to(device))
         text_hidden.append(hidden)
         text_feat.append(feat)
