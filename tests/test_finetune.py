@@ -171,3 +171,13 @@ def test_evaluate_all_runs_what_the_checkpoint_has_and_refuses_an_untrained_head
     assert "not evaluated (no trained head" in printed and "ve" in printed.split("not evaluated")[1]
     err = cli_error(["evaluate", "all", "--checkpoint", str(pretrained), "--tasks", "retrieval", "ve"], capsys)
     assert "no trained 've' head" in err and "vlpt finetune ve --checkpoint" in err
+
+
+def test_finetuned_retrieval_draws_hard_negatives_from_the_first_step(pretrained):
+    """The tiny pretraining recipe's random ITM negatives (method.itm_easy_steps, issue 13) must not carry over:
+    ALBEF's Retrieval.py mines hard ones throughout; with easy ones its ITM reranking got worse than ITC alone."""
+    from vlpt.cli import find_config
+    from vlpt.tasks.base import finetune_config
+    assert checkpoint.load_config(checkpoint.resolve(pretrained))["method"]["itm_easy_steps"] == 300
+    cfg = finetune_config(find_config("finetune/retrieval_tiny.yaml"), [f"task.checkpoint={pretrained}"])
+    assert cfg.method.itm_easy_steps == 0 and cfg.method.name == "albef"
