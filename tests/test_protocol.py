@@ -91,12 +91,14 @@ def test_a_method_added_from_outside_configures_lists_and_trains(toy, shapes_dat
         methods.check(load_config(overrides=["method.name=toy"]))  # the shared default losses include mlm
 
     # forward: itc only, times toy_scale, from the same weights
-    cfg1 = config(shapes_data, tmp_path / "x", "method.name=toy", "method.losses=[itc]")
+    cfg1 = config(shapes_data, tmp_path / "x", "method.name=toy", "method.losses=[itc]",
+                  "method.loss_weights={}")  # the ALBEF preset weighs an ITM the toy has not
     batch, tokenizer = first_batch(cfg1, Toy.batch_needs(cfg1.method))
     assert not any(k.startswith("mlm") for k in batch)
     torch.manual_seed(0)
     one = methods.build(cfg1, tokenizer.vocab_size)
-    cfg2 = config(shapes_data, tmp_path / "x", "method.name=toy", "method.losses=[itc]", "method.toy_scale=2")
+    cfg2 = config(shapes_data, tmp_path / "x", "method.name=toy", "method.losses=[itc]", "method.toy_scale=2",
+                  "method.loss_weights={}")
     two = methods.build(cfg2, tokenizer.vocab_size)
     two.load_state_dict(one.state_dict())
     a, b = one(batch, 0), two(batch, 0)
@@ -115,7 +117,7 @@ def test_a_method_added_from_outside_configures_lists_and_trains(toy, shapes_dat
 
     monkeypatch.setattr(collate_module.Collate, "__call__", spy)
     run = pretrain(config(shapes_data, tmp_path / "run", "method.name=toy", "method.losses=[itc]", "train.steps=3",
-                          "train.log_every=1", "method.toy_scale=2"))
+                          "train.log_every=1", "method.toy_scale=2", "method.loss_weights={}"))
     assert len(seen) >= 3
     for needs, keys in seen:
         assert needs == set() and not any(k.startswith("mlm") for k in keys), keys
