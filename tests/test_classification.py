@@ -128,7 +128,7 @@ def test_bad_input_is_one_error_line(trained, shapes_data, tmp_path, capsys):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps([{"image": "images/test/000000.png", "label": 3},
                                {"image": "images/test/000001.png", "label": 40}]))
-    err = cli_error([*base, "--annotation", str(bad)], capsys)
+    err = cli_error([*base, "--files", str(bad)], capsys)
     assert str(bad) in err and "record 1" in err and "label 40" in err and "classes.json" in err, err
     err = cli_error([*base, "--classes", "missing.json"], capsys)
     assert "class file not found" in err and str(shapes_data / "missing.json") in err, err

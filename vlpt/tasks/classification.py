@@ -12,10 +12,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from vlpt.config import Rule, TaskConfig, fail, opt
+from vlpt.config import Rule, fail, opt
 from vlpt.data.annotations import AnnotationError, load_annotations
 from vlpt.errors import MissingFileError
-from vlpt.tasks.base import Task, register
+from vlpt.tasks.base import SplitsConfig, Task, register
 from vlpt.tasks.retrieval import encode_split, itc_logits, rerank
 
 TEMPLATE = Rule("a template containing '{}' (where the class name goes)", lambda v: "{}" in v)
@@ -25,10 +25,10 @@ PROTOCOLS = {"itc": "ITC, class names", "itc_prompts": "ITC, prompts", "itm": "I
 
 
 @dataclass
-class ClassificationConfig(TaskConfig):
+class ClassificationConfig(SplitsConfig):
     classes: str = opt("classes.json", "JSON list of class names, relative to data.root unless absolute")
-    annotation: str = opt("classification_{split}.json", "JSON list of {image, label} records (label: an index into "
-                          "the class list), relative to data.root unless absolute; {split} is the split evaluated")
+    files: str = opt("classification_{split}.json", "JSON list of {image, label} records (label: an index into "
+                     "the class list), relative to data.root unless absolute; {split} is the split evaluated")
     prompts: list[str] = opt(["a picture of a {}", "an image of a {}", "a drawing of a {}"],
                              "prompt templates ('{}': the class name) whose text features are averaged per class "
                              "(CLIP's prompt ensembling)", check=TEMPLATE)
@@ -166,15 +166,15 @@ def save_confusion(confusion: dict[str, list[list[int]]], classes: list[str], pa
 
 @register("classification", ClassificationConfig)
 class ZeroShotClassification(Task):
-    """`vlpt evaluate classification`: reads task.annotation and task.classes under the data folder; --out also
+    """`vlpt evaluate classification`: reads task.files and task.classes under the data folder; --out also
     writes the confusion matrices next to the metrics, as <name>_confusion.png."""
 
-    options = ("eval.k", "eval.batch_size", "eval.itc_weight", "task.prompts", "task.classes", "task.annotation")
+    options = ("eval.k", "eval.batch_size", "eval.itc_weight", "task.prompts", "task.classes", "task.files")
 
     def evaluate(self, model, split: str) -> dict:
         t, cfg = self.cfg.task, self.cfg
         return {"protocol": "zero-shot", **evaluate(
-            model, self.data / t.annotation.replace("{split}", split), self.data / t.classes, self.data,
+            model, t.split_file(self.data, split), self.data / t.classes, self.data,
             self.tokenizer, prompts=t.prompts, image_size=cfg.model.vision.image_size, max_len=cfg.model.text.max_len,
             k=cfg.eval.k, batch_size=cfg.eval.batch_size, itc_weight=cfg.eval.itc_weight, device=self.device,
             num_workers=cfg.data.num_workers)}
