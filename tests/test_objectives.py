@@ -395,9 +395,9 @@ def test_itm_rows_are_positives_then_negative_images_then_negative_texts(monkeyp
         seen.update(images=images, texts=texts, masks=masks)
         return itm_logits(images, texts, masks)
 
-    def record_labels(logits, labels):
-        seen.update(logits=logits, labels=labels)
-        return itm_loss_fn(logits, labels)
+    def record_labels(logits, labels, weights):
+        seen.update(logits=logits, labels=labels, weights=weights)
+        return itm_loss_fn(logits, labels, weights)
 
     monkeypatch.setattr(model, "itm_logits", record_pairs)
     monkeypatch.setattr(steps, "itm_loss", record_labels)
@@ -412,7 +412,7 @@ def test_itm_rows_are_positives_then_negative_images_then_negative_texts(monkeyp
             loss = steps.itm(model, f, step)
             images, texts, masks = seen["images"], seen["texts"], seen["masks"]
             assert images.shape[0] == texts.shape[0] == masks.shape[0] == 3 * n
-            assert seen["labels"].tolist() == [1] * n + [0] * (2 * n)
+            assert seen["labels"].tolist() == [1] * n + [0] * (2 * n) and seen["weights"] is None  # no swaps here
             assert loss.item() == pytest.approx(F.cross_entropy(seen["logits"], seen["labels"]).item(), rel=1e-6)
             for i in range(n):
                 # positives: the row's own pair

@@ -127,12 +127,17 @@ class MethodConfig:
     mlm_mask_only: bool = opt(False, "every masked token becomes [MASK] (MaskVLM) instead of BERT's 80/10/10 mask/random/keep")
     itm_easy_steps: int = opt(0, "steps whose ITM negatives are drawn uniformly at random, before ALBEF's hard ones "
                               "(drawn by ITC similarity); 0: hard from the first step (ALBEF)", check=NON_NEGATIVE)
+    itm_swap_words: list[list[str]] = opt([], "word groups (colours, sizes, ...) whose members swap places in a caption "
+                                          "to make one more ITM negative per pair (NegCLIP's swapped attributes; "
+                                          "issue 13); empty: ALBEF's negatives only")
 
     def validate(self, prefix: str, root) -> None:
         """Cross-field rules; a method's subclass adds its own (calling this one), with `root`, the whole config,
         for rules across sections."""
         if not self.losses:
             fail(prefix + "losses", "a list of at least one loss", self.losses)
+        if any(len({w.lower() for w in g}) < 2 for g in self.itm_swap_words):
+            fail(prefix + "itm_swap_words", "groups of at least two distinct words", self.itm_swap_words)
 
 
 @dataclass

@@ -5,7 +5,9 @@ rules, and `synthetic_batches` makes batches of the same layout without data (be
 Keys: image (B,3,H,W), text_ids / text_mask (B,L), image_id (B,), skipped (a count), label (B,) when the samples
 have one (a task's class index); with `mlm`: mlm_ids,
 mlm_labels (B,L; IGNORE where nothing is predicted) and mlm_positions (M,: the masked tokens' indices in the
-flattened text, found on the host so the step need not wait for the device).
+flattened text, found on the host so the step need not wait for the device); with `swap`: swap_ids / swap_mask
+(B,L: each caption with two attribute words exchanged, `data/swaps.py`, padded with the text to one width) and
+swap_valid (B,: False where the caption had nothing to swap; its swap_ids repeat the caption).
 """
 from __future__ import annotations
 
@@ -13,15 +15,17 @@ import torch
 import torch.nn.functional as F
 
 from vlpt.data.masking import IGNORE, mask_tokens, masked_positions
+from vlpt.data.swaps import check_groups, swap_attributes
 from vlpt.data.tokenizer import SPECIALS, Tokenizer
 from vlpt.engine import rng
 
-NEEDS = frozenset({"mlm"})  # what a method may ask for beyond image, text and image_id
+NEEDS = frozenset({"mlm", "swap"})  # what a method may ask for beyond image, text and image_id
 
 
 def pad_values(pad_id: int) -> dict[str, int]:
     """The value each text-shaped key is padded with."""
-    return {"text_ids": pad_id, "text_mask": 0, "mlm_ids": pad_id, "mlm_labels": IGNORE}
+    return {"text_ids": pad_id, "text_mask": 0, "mlm_ids": pad_id, "mlm_labels": IGNORE, "swap_ids": pad_id,
+            "swap_mask": 0}
 
 
 def check_needs(needs) -> set[str]:
@@ -32,24 +36,37 @@ def check_needs(needs) -> set[str]:
 
 
 class Collate:
-    """Stack images, tokenise texts, and (with `mlm` in `needs`) add masked ids and labels seeded per sample.
+    """Stack images, tokenise texts, and (with `mlm` in `needs`) add masked ids and labels seeded per sample, (with
+`swap`) attribute-swapped captions from the word groups `swap_words`, drawn per sample.
 
     Texts are padded to the batch's longest (a multiple of 8), or to `max_len` with `fixed` (under DDP, where ranks
     gather each other's texts). Masks are drawn over each text's own tokens, so padding never changes them.
     """
 
     def __init__(self, tokenizer: Tokenizer, max_len: int, needs=(), seed: int = 0, fixed: bool = False,
-                 mlm_probability: float = 0.15, mask_only: bool = False):
+                 mlm_probability: float = 0.15, mask_only: bool = False, swap_words=()):
         self.tokenizer, self.max_len, self.needs, self.seed = tokenizer, max_len, check_needs(needs), seed
         self.fixed, self.mlm_probability, self.mask_only = fixed, mlm_probability, mask_only
+        self.swap_words = check_groups(swap_words)
+        if "swap" in self.needs and not self.swap_words:
+            raise ValueError("swapped captions need word groups to swap (swap_words)")
 
     def __call__(self, samples: list[dict]) -> dict:
-        ids, mask = self.tokenizer([s["text"] for s in samples], self.max_len, self.fixed)
+        texts = [s["text"] for s in samples]
+        if "swap" in self.needs:
+            swaps = [swap_attributes(s["text"], self.swap_words, rng.generator("itm_swap", self.seed, s["draw"]))
+                     for s in samples]
+            both, both_mask = self.tokenizer(texts + [w or t for w, t in zip(swaps, texts)], self.max_len, self.fixed)
+            (ids, swap_ids), (mask, swap_mask) = both.chunk(2), both_mask.chunk(2)
+        else:
+            ids, mask = self.tokenizer(texts, self.max_len, self.fixed)
         batch = {"image": torch.stack([s["image"] for s in samples]), "text_ids": ids, "text_mask": mask,
                  "image_id": torch.tensor([s["image_id"] for s in samples]),
                  "skipped": torch.tensor(sum(s["skipped"] for s in samples))}
         if "label" in samples[0]:
             batch["label"] = torch.tensor([s["label"] for s in samples])
+        if "swap" in self.needs:
+            batch.update(swap_ids=swap_ids, swap_mask=swap_mask, swap_valid=torch.tensor([w is not None for w in swaps]))
         if "mlm" in self.needs:
             batch["mlm_ids"], batch["mlm_labels"] = ids.clone(), torch.full_like(ids, IGNORE)
             t = self.tokenizer

@@ -144,7 +144,7 @@ def train_loader(cfg, data, tokenizer: Tokenizer, needs=(), rank: int = 0, world
     what the method `needs` (`Method.batch_needs`)."""
     d, m = cfg.data, cfg.method
     collate = Collate(tokenizer, cfg.model.text.max_len, needs, cfg.train.seed, world > 1, m.mlm_probability,
-                      m.mlm_mask_only)
+                      m.mlm_mask_only, m.itm_swap_words)
     kwargs = dict(image_size=cfg.model.vision.image_size, batch_size=d.batch_size, seed=cfg.train.seed, rank=rank,
                   world=world, start=start, num_workers=d.num_workers, augment=d.augment)
     if isinstance(data, list):

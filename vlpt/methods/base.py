@@ -119,8 +119,10 @@ class Method(nn.Module):
 
     @classmethod
     def batch_needs(cls, m: MethodConfig) -> set[str]:
-        """Batch contents beyond image, text and image_id: `mlm` (masked ids, labels, positions)."""
-        return {"mlm"} if "mlm" in m.losses else set()
+        """Batch contents beyond image, text and image_id: `mlm` (masked ids, labels, positions), `swap`
+        (attribute-swapped captions, for ITM with `method.itm_swap_words`)."""
+        needs = {"mlm"} if "mlm" in m.losses else set()
+        return needs | {"swap"} if "itm" in m.losses and m.itm_swap_words else needs
 
     def may_leave_parameters_unused(self) -> bool:
         """Whether some step may leave trainable parameters without gradient (an ablation drops a loss): DDP must

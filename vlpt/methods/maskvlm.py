@@ -86,7 +86,7 @@ class MaskVLM(Method):
 
     @classmethod
     def batch_needs(cls, m) -> set[str]:
-        return {"mlm"} if "mlm" in m.losses or m.maskvlm.masking == "both" else set()
+        return super().batch_needs(m) | ({"mlm"} if m.maskvlm.masking == "both" else set())
 
     def load_pretrained_text(self, folder: str) -> None:
         fusion = self.backbone.fusion if self.cfg.method.maskvlm.fusion_init == "bert" else None

@@ -70,11 +70,13 @@ def itc(method, f: Features, step: int, intra: bool = False) -> torch.Tensor:
                           method.alpha(step), f.teacher_image, f.teacher_text, intra=intra)
 
 
-def itm(method, f: Features, step: int) -> torch.Tensor:
+def itm(method, f: Features, step: int, batch: dict | None = None) -> torch.Tensor:
     """ALBEF Eq. 4: one hard negative text per image and one hard negative image per text, drawn from the whole
     (global) batch by contrastive similarity (uniformly at random over the first `method.itm_easy_steps`: issue 13);
     the noise comes from a (seed, step) generator sliced by rank, so N ranks draw what one process with the global
-    batch would. Rows: [positives | negative images | negative texts], labels 1 for the first third."""
+    batch would. Rows: [positives | negative images | negative texts], labels 1 for the first third; with swapped
+    captions in the batch (`method.itm_swap_words`), a fourth block of each image with its caption's swap, counted
+    where the caption had one."""
     n_local, n_all = f.image_feat.shape[0], f.batch_size
     temp = method.temperature()
     with torch.no_grad():
@@ -91,11 +93,18 @@ def itm(method, f: Features, step: int) -> torch.Tensor:
     all_hidden = distributed.gather(f.text_hidden, grad=True)
     all_mask = distributed.gather(f.text_mask)
     # index_select: its backward adds in a fixed order on the CPU; indexing's accumulates with atomics
-    images = torch.cat([f.image_tokens, all_tokens.index_select(0, neg_image), f.image_tokens])
-    texts = torch.cat([f.text_hidden, f.text_hidden, all_hidden.index_select(0, neg_text)])
-    masks = torch.cat([f.text_mask, f.text_mask, all_mask[neg_text]])
-    labels = (torch.arange(3 * n_local, device=images.device) < n_local).long()  # made on the device: no copy
-    return itm_loss(method.itm_logits(images, texts, masks), labels)
+    images = [f.image_tokens, all_tokens.index_select(0, neg_image), f.image_tokens]
+    texts = [f.text_hidden, f.text_hidden, all_hidden.index_select(0, neg_text)]
+    masks = [f.text_mask, f.text_mask, all_mask[neg_text]]
+    weights = None
+    if batch is not None and "swap_ids" in batch:
+        swap_hidden, _ = method.encode_text(batch["swap_ids"], batch["swap_mask"])
+        images.append(f.image_tokens)
+        texts.append(swap_hidden)
+        masks.append(batch["swap_mask"])
+        weights = torch.cat([torch.ones(3 * n_local, device=swap_hidden.device), batch["swap_valid"].float()])
+    labels = (torch.arange(len(images) * n_local, device=f.image_tokens.device) < n_local).long()  # no host copy
+    return itm_loss(method.itm_logits(torch.cat(images), torch.cat(texts), torch.cat(masks)), labels, weights)
 
 
 def mlm_positions(batch: dict) -> torch.Tensor:
@@ -142,7 +151,7 @@ def standard_losses(method, f: Features, batch: dict, step: int, losses, intra: 
     if "itc" in losses:
         out["itc"] = itc(method, f, step, intra)
     if "itm" in losses:
-        out["itm"] = itm(method, f, step)
+        out["itm"] = itm(method, f, step, batch)
     if "mlm" in losses:
         out["mlm"] = mlm(method, f, batch, step)
     if "nlvr_ta" in losses:

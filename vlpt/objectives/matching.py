@@ -21,6 +21,9 @@ def sample_hard_negatives(sim: torch.Tensor, positives: torch.Tensor, uniform: t
     return (weights.log() + gumbel).argmax(dim=1)
 
 
-def itm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """ALBEF Eq. 4: cross entropy of the 2-way match prediction over positive and hard-negative pairs."""
-    return F.cross_entropy(logits.float(), labels)
+def itm_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """ALBEF Eq. 4: cross entropy of the 2-way match prediction over positive and hard-negative pairs; with
+    `weights` (one per row, 0 or 1), the mean over the rows weighing 1."""
+    if weights is None:
+        return F.cross_entropy(logits.float(), labels)
+    return (F.cross_entropy(logits.float(), labels, reduction="none") * weights).sum() / weights.sum()

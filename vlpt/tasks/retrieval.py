@@ -198,7 +198,7 @@ class RetrievalModel(TaskModel):
 
     def forward(self, batch: dict, step: int) -> dict:
         f = steps.features(self.method, batch)
-        out = {"itc": steps.itc(self.method, f, step), "itm": steps.itm(self.method, f, step)}
+        out = {"itc": steps.itc(self.method, f, step), "itm": steps.itm(self.method, f, step, batch)}
         if self.method.queues is not None:
             steps.push_queues(self.method, f)
         return out
@@ -218,7 +218,7 @@ class Retrieval(Task):
 
     def batches(self, start: int):
         records = load_annotations(self.cfg.task.split_file(self.data, "train"), "pretrain")
-        needs = set()  # ITC and ITM only: no masked text
+        needs = self.method.batch_needs(self.cfg.method) - {"mlm"}  # ITC and ITM only: no masked text
         return train_loader(self.cfg, records, self.tokenizer, needs, distributed.rank(), distributed.world_size(),
                             start)
 
