@@ -1,18 +1,23 @@
 """Methods and their ablations side by side on the embedded data, at the same steps and batch size.
 
 For each row: pretrain from scratch with the trainer, evaluate zero-shot retrieval on the test split, and report
-txt_r1, img_r1, r_mean (ITM-reranked, as `vlpt evaluate`), the ITC-only img_r1, wall time per step relative to
-ALBEF, and codebook usage (codewords that are some feature's nearest in the last logged step, in % of K).
+the final ITM loss beside its prior, txt_r1, img_r1, r_mean (ITM-reranked, as `vlpt evaluate`), the ITC-only img_r1,
+attribute binding by ITC and by ITM, wall time per step relative to ALBEF, and codebook usage (codewords that are
+some feature's nearest in the last logged step, in % of K). With several `--seeds`, every row runs once per seed and
+a last table gives mean ± std over them.
 `--ipot` also times the IPOT solve against a whole training step of a config (its share of the step).
 
     python benchmarks/compare_methods.py --data data/shapes                     # every row, tiny configs
     python benchmarks/compare_methods.py --data data/shapes --rows albef codis --steps 200
+    python benchmarks/compare_methods.py --data data/shapes --rows albef codis maskvlm cbvila --seeds 0 1 2 \
+        eval.itc_weight=0                                                      # issue 13's table
     python benchmarks/compare_methods.py --ipot configs/pretrain/codis_base.yaml --device cuda
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import time
@@ -29,6 +34,8 @@ from train_throughput import BERT_VOCAB, sync, synthetic_batches  # noqa: E402
 from vlpt import methods  # noqa: E402
 from vlpt.cli import find_config  # noqa: E402
 from vlpt.config import load_config  # noqa: E402
+from vlpt.data.loader import load_pairs  # noqa: E402
+from vlpt.data.swaps import check_groups, swap_attributes  # noqa: E402
 from vlpt.engine.checkpoint import load_method  # noqa: E402
 from vlpt.engine.logging import read_metrics  # noqa: E402
 from vlpt.engine.fit import train_step  # noqa: E402
@@ -78,9 +85,23 @@ DIAGNOSIS = {
 ROWS.update(DIAGNOSIS)
 
 
-def run_row(name: str, args) -> dict:
+def itm_prior(cfg, data: Path) -> float:
+    """The ITM loss of predicting the share of matching rows: 1 in 3 (ALBEF), 1 in 3 + s with swapped captions
+    (`method.itm_swap_words`), s the share of training captions that have a swap."""
+    extra = 0.0
+    if cfg.method.itm_swap_words:
+        groups = check_groups(cfg.method.itm_swap_words)
+        texts = [r["caption"] for r in load_pairs(data / cfg.data.train)]
+        extra = sum(swap_attributes(t, groups, torch.Generator()) is not None for t in texts) / len(texts)
+    p = 1 / (3 + extra)
+    return -(p * math.log(p) + (1 - p) * math.log(1 - p))
+
+
+def run_row(name: str, args, seed: int | None = None) -> dict:
     config, overrides = ROWS[name]
     out = Path(args.out) / name.replace(":", "_").replace("+", "_").replace("(", "_").replace(")", "")
+    if seed is not None:
+        out, overrides = out.with_name(f"{out.name}_seed{seed}"), [*overrides, f"train.seed={seed}"]
     cfg = load_config(find_config(config), [*overrides, f"data.root={args.data}", f"train.out={out}",
                                             f"train.steps={args.steps}", f"train.save_every={args.steps}",
                                             f"train.device={args.device}", "train.progress=false", *args.overrides])
@@ -102,7 +123,8 @@ def run_row(name: str, args) -> dict:
                               batch_size=cfg.eval.batch_size, device=device, progress=False)
     usage = rows[-1].get("codebook_usage")
     last = [r["itm"] for r in rows[-5:] if r.get("itm") is not None]
-    return {"row": name, "itm_loss": sum(last) / len(last) if last else None, "txt_r1": m["txt_r1"], "img_r1": m["img_r1"], "r_mean": m["r_mean"],
+    return {"row": name, "seed": cfg.train.seed, "itm_prior": itm_prior(cfg, data),
+            "itm_loss": sum(last) / len(last) if last else None, "txt_r1": m["txt_r1"], "img_r1": m["img_r1"], "r_mean": m["r_mean"],
             "itc_img_r1": m["itc_img_r1"], "ms_per_step": 1000 * statistics.median(step_s), **b,
             "codebook_usage_pct": None if usage is None else 100 * usage / cfg.method.codebook.size,
             "train_s": seconds}
@@ -148,9 +170,34 @@ def table(rows: list[dict]) -> str:
         lines.append(f"| {r['row']} | {itm} | {r['txt_r1']:.2f} | {r['img_r1']:.2f} | {r['r_mean']:.2f} | "
                      f"{r['itc_img_r1']:.2f} | {r['binding_itc']:.2f} | {r['binding_itm']:.2f} | "
                      f"{r['ms_per_step']:.0f} | {rel} | {usage} |")
-    lines.append(f"\nITM loss: the mean of the last five logged values (predicting the 1/3 prior: 0.6365). Binding: "
+    lines.append(f"\nITM loss: the mean of the last five logged values (predicting the 1/3 prior: 0.6365; with swapped "
+                 f"captions, see the summary's prior). Binding: "
                  f"the true caption of a test image above its attribute-swapped negatives (retrieval_test_hard.json); "
                  f"chance {chance:.2f} %.")
+    return "\n".join(lines)
+
+
+SUMMARY = ("itm_prior", "itm_loss", "img_r1", "itc_img_r1", "txt_r1", "r_mean", "binding_itc", "binding_itm")
+
+
+def summary(rows: list[dict]) -> str:
+    """Mean ± std (sample std over seeds) of each row name's runs."""
+    lines = ["| row | seeds | " + " | ".join(SUMMARY) + " |", "|---|---|" + "---|" * len(SUMMARY)]
+    for name in dict.fromkeys(r["row"] for r in rows):
+        runs = [r for r in rows if r["row"] == name]
+        cells = []
+        for key in SUMMARY:
+            values = [r[key] for r in runs if r[key] is not None]
+            if not values:
+                cells.append("-")
+                continue
+            std = statistics.stdev(values) if len(values) > 1 else 0.0
+            digits = 3 if key.startswith("itm_") else 2
+            cells.append(f"{statistics.mean(values):.{digits}f} ± {std:.{digits}f}")
+        lines.append(f"| {name} | {', '.join(str(r['seed']) for r in runs)} | " + " | ".join(cells) + " |")
+    chance = next((r["binding_chance"] for r in rows), 0.0)
+    lines.append(f"\nimg_r1: ITM-reranked (with the run's eval.itc_weight); itc_img_r1: ITC alone; binding chance "
+                 f"{chance:.2f} %.")
     return "\n".join(lines)
 
 
@@ -160,6 +207,8 @@ def main(argv=None) -> None:
     p.add_argument("--rows", nargs="*", default=[r for r in ROWS if r not in DIAGNOSIS], choices=list(ROWS),
                    help="which rows to run (default: every method row; the albef:* diagnosis rows by name)")
     p.add_argument("--steps", type=int, default=700, help="training steps of every row")
+    p.add_argument("--seeds", type=int, nargs="*", default=None,
+                   help="run every row once per seed (train.seed) and add a mean ± std table; default: the config's")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default="runs/compare", help="run folders go here")
     p.add_argument("--ipot", default="", help="config whose IPOT share of the step to measure (skips the rows)")
@@ -175,9 +224,14 @@ def main(argv=None) -> None:
     else:
         rows = []
         for name in args.rows:
-            rows.append(run_row(name, args))
-            print(table(rows).splitlines()[-1], flush=True)
+            for seed in args.seeds or [None]:
+                rows.append(run_row(name, args, seed))
+                print(table(rows).splitlines()[-3], flush=True)
+                if args.json:  # every finished run kept, should a later one fail
+                    Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
         print(table(rows))
+        if args.seeds:
+            print("\n" + summary(rows))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
 

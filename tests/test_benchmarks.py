@@ -1,6 +1,7 @@
 """The benchmark scripts run on the engine as it is (one tiny step each): a refactor that breaks them fails here."""
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -8,7 +9,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import train_throughput  # noqa: E402
 
-from helpers import TINY  # noqa: E402
+import pytest  # noqa: E402
+
+from helpers import TINY, config  # noqa: E402
 
 
 def test_train_throughput_runs_a_row_with_flops(capsys):
@@ -33,6 +36,29 @@ def test_compare_methods_trains_and_evaluates_a_row(shapes_data, tmp_path, capsy
                           "--device", "cpu", "--out", str(tmp_path), *TINY])
     out = capsys.readouterr().out
     assert "| albef |" in out and "cbvila:mlm+itm+pixel" in out
+
+
+def test_compare_methods_over_seeds_gives_mean_and_std_and_the_prior_of_its_itm_rows(shapes_data, tmp_path, capsys):
+    import math
+
+    import compare_methods
+    from vlpt.data.loader import load_pairs
+    rows = str(tmp_path / "rows.json")
+    swaps = "method.itm_swap_words=[[red,green,blue,yellow,purple,orange,white,cyan],[small,large]]"
+    compare_methods.main(["--data", str(shapes_data), "--rows", "albef", "--seeds", "0", "1", "--steps", "2",
+                          "--device", "cpu", "--out", str(tmp_path), "--json", rows, *TINY, swaps])
+    out = capsys.readouterr().out
+    runs = json.loads(Path(rows).read_text())
+    assert [r["seed"] for r in runs] == [0, 1] and (tmp_path / "albef_seed1").is_dir()
+    prior = runs[0]["itm_prior"]  # swapped colours and sizes: 1 match in 3 + s rows
+    groups = [set(g) for g in config(shapes_data, tmp_path, swaps).method.itm_swap_words]
+    captions = [r["caption"] for r in load_pairs(shapes_data / "pretrain.json")]
+    s = sum(any(len(g & set(c.split())) >= 2 for g in groups) for c in captions) / len(captions)
+    p = 1 / (3 + s)
+    assert 0 < s < 1 and prior == pytest.approx(-(p * math.log(p) + (1 - p) * math.log(1 - p)))
+    line = next(x for x in out.splitlines() if x.startswith("| albef | 0, 1 |"))
+    itm = [r["itm_loss"] for r in runs]
+    assert f"{(itm[0] + itm[1]) / 2:.3f} ± {abs(itm[0] - itm[1]) / math.sqrt(2):.3f}" in line
 
 
 def test_downstream_runs_every_stage_of_a_method(shapes_data, tmp_path, capsys):
