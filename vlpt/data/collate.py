@@ -8,6 +8,8 @@ mlm_labels (B,L; IGNORE where nothing is predicted) and mlm_positions (M,: the m
 flattened text, found on the host so the step need not wait for the device); with `swap`: swap_ids / swap_mask
 (B,L: each caption with two attribute words exchanged, `data/swaps.py`, padded with the text to one width) and
 swap_valid (B,: False where the caption had nothing to swap; its swap_ids repeat the caption).
+With answers in the samples (VQA): answer_ids / answer_mask (A,L: every sample's answers in turn), answer_weight
+(A,: each answer's share of its question's annotators) and answer_owner (A,: the row of its question).
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ NEEDS = frozenset({"mlm", "swap"})  # what a method may ask for beyond image, te
 def pad_values(pad_id: int) -> dict[str, int]:
     """The value each text-shaped key is padded with."""
     return {"text_ids": pad_id, "text_mask": 0, "mlm_ids": pad_id, "mlm_labels": IGNORE, "swap_ids": pad_id,
-            "swap_mask": 0}
+            "swap_mask": 0, "answer_ids": pad_id, "answer_mask": 0}
 
 
 def check_needs(needs) -> set[str]:
@@ -65,6 +67,11 @@ class Collate:
                  "skipped": torch.tensor(sum(s["skipped"] for s in samples))}
         if "label" in samples[0]:
             batch["label"] = torch.tensor([s["label"] for s in samples])
+        if "answers" in samples[0]:
+            answers = [a for s in samples for a in s["answers"]]
+            batch["answer_ids"], batch["answer_mask"] = self.tokenizer(answers, self.max_len, False)
+            batch["answer_weight"] = torch.tensor([w for s in samples for w in s["weights"]], dtype=torch.float)
+            batch["answer_owner"] = torch.tensor([row for row, s in enumerate(samples) for _ in s["answers"]])
         if "swap" in self.needs:
             batch.update(swap_ids=swap_ids, swap_mask=swap_mask, swap_valid=torch.tensor([w is not None for w in swaps]))
         if "mlm" in self.needs:
@@ -93,6 +100,12 @@ def merge(pieces: list[dict], pad_id: int, pin: bool = False) -> dict:
             batch[key] = sum(p[key] for p in pieces)
         elif key == "mlm_positions":
             continue
+        elif key.startswith("answer_"):  # one row per answer, not per sample: owners move by the rows before
+            offsets = [sum(rows[:i]) for i in range(len(pieces))]
+            longest = max(p["answer_ids"].shape[1] for p in pieces)
+            batch[key] = torch.cat([p[key] + o if key == "answer_owner" else
+                                    F.pad(p[key], (0, longest - p[key].shape[1]), value=pad[key]) if key in pad
+                                    else p[key] for p, o in zip(pieces, offsets)])
         elif first.ndim >= 1 and all(p[key].shape[0] == n for p, n in zip(pieces, rows)):
             parts = [F.pad(p[key], (0, width - p[key].shape[1]), value=pad[key]) if key in pad else p[key]
                      for p in pieces]

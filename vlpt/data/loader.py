@@ -14,7 +14,8 @@ from vlpt.engine import rng
 
 
 class PairDataset(Dataset):
-    """Records {image, caption[, image_id][, label]} -> {image, text, image_id[, label]}; keys are (index, draw) from
+    """Records {image, caption[, image_id][, label][, answers, weights]} -> {image, text, image_id[, label][, answers,
+    weights]}; keys are (index, draw) from
     the sampler. A task gives its records in this shape (VE: sentence as caption, its class index as label); a
     record with `images` (a list, NLVR2's pair, and an image_id) instead gives `image` (K,3,H,W), its images stacked.
 
@@ -57,6 +58,8 @@ class PairDataset(Dataset):
                       "image_id": self.image_ids[i], "draw": draw, "skipped": skipped}
             if "label" in record:
                 sample["label"] = record["label"]
+            if "answers" in record:  # VQA: the question's distinct answers and their shares of annotators
+                sample["answers"], sample["weights"] = record["answers"], record["weights"]
             return sample
         raise ImageError(f"no readable image among the {len(self.records)} records under {self.root}")
 
