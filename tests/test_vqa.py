@@ -188,7 +188,7 @@ def test_vqa_finetunes_evaluates_and_writes_a_complete_result_file(pretrained, s
           "eval.batch_size=16", f"task.inference={inference}"])
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["inference"] == inference and 0 <= metrics["vqa_accuracy"] <= 100
-    assert {"vqa_accuracy_colour", "vqa_accuracy_yes/no", "val_vqa_accuracy"} <= set(metrics)
+    assert {"vqa_accuracy_colour", "vqa_accuracy_yes/no", "val_vqa_accuracy", "prior_baseline"} <= set(metrics)
     result = tmp_path / "eval" / "metrics.json"
     main(["evaluate", "vqa", "--checkpoint", str(out), "--data", str(shapes_data), "--out", str(result)])
     answers = json.loads((result.parent / "vqa_result.json").read_text())

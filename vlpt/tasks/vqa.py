@@ -167,7 +167,20 @@ class VQA(Task):
         self.question_ids = [r["question_id"] for r in records]
         if not all(r["answer"] for r in records):  # a test-dev style split: answers only the server has
             return {"questions": len(records), "inference": self.cfg.task.inference}
-        return {**vqa_eval.score(self.predictions, records), "inference": self.cfg.task.inference}
+        return {**vqa_eval.score(self.predictions, records), "inference": self.cfg.task.inference,
+                "prior_baseline": self.prior_baseline(records)}
+
+    def prior_baseline(self, records: list[dict]) -> float:
+        """The trivial baseline: VQA accuracy of answering every question with the most frequent training answer of
+        its question type (of all questions where records have no type)."""
+        train = read_vqa(self.cfg.task.split_file(self.data, "train"), train=True)
+        counts: dict[str, Counter] = {}
+        for r in train:
+            counts.setdefault(r.get("question_type", ""), Counter()).update(r["answer"])
+        overall = sum(counts.values(), Counter()).most_common(1)[0][0]
+        guess = {r["question_id"]: (counts.get(r.get("question_type", "")) or Counter({overall: 1})).most_common(1)[0][0]
+                 for r in records}
+        return vqa_eval.score(guess, records)["vqa_accuracy"]
 
     def save(self, metrics: dict, out: Path) -> None:
         """The metrics, and beside them `vqa_result.json` in the evaluation server's format."""
@@ -178,5 +191,5 @@ class VQA(Task):
         if "vqa_accuracy" not in m:
             return f"{m['questions']} questions answered ({m['inference']}); no answers to score them against"
         kinds = ", ".join(f"{k[len('vqa_accuracy_'):]} {v:.2f}" for k, v in m.items() if k.startswith("vqa_accuracy_"))
-        return (f"VQA accuracy {m['vqa_accuracy']:.2f} % on {m['questions']} questions ({m['inference']})"
-                + (f"; per type: {kinds}" if kinds else ""))
+        return (f"VQA accuracy {m['vqa_accuracy']:.2f} % on {m['questions']} questions ({m['inference']}; each "
+                f"type's most frequent answer: {m['prior_baseline']:.2f} %)" + (f"; per type: {kinds}" if kinds else ""))

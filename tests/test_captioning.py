@@ -1,0 +1,66 @@
+"""Captioning: the prompt outside the loss, label smoothing, scores through pycocoevalcap against hand-checkable
+cases, and the finetune / evaluate path with its captions file."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from vlpt import methods
+from vlpt.cli import main
+from vlpt.pretrain import pretrain
+from vlpt.tasks import captioning
+from helpers import TINY, config
+
+
+def test_a_prediction_equal_to_a_reference_scores_full_bleu_and_a_wrong_one_none():
+    refs = [["a red star on the left", "one red star"], ["a blue circle at the top", "a blue circle"]]
+    perfect = captioning.caption_scores(["a red star on the left", "a blue circle at the top"], refs)
+    assert perfect["bleu1"] == pytest.approx(100, abs=0.01) and perfect["bleu4"] == pytest.approx(100, abs=0.01)
+    assert perfect["rouge_l"] == pytest.approx(100, abs=0.01) and perfect["cider_bleu4"] == pytest.approx(
+        perfect["cider"] + perfect["bleu4"], abs=0.02)
+    wrong = captioning.caption_scores(["green squares everywhere today", "purple diamonds below everything"], refs)
+    assert wrong["bleu1"] < 1 and wrong["cider"] < perfect["cider"] and wrong["meteor"] < perfect["meteor"]
+
+
+def test_caption_loss_leaves_out_the_prompt_and_averages_the_caption_tokens(shapes_data, tmp_path):
+    cfg = config(shapes_data, tmp_path, "task.name=caption")
+    method = methods.build(cfg, 40)
+    model = captioning.CaptionModel(method, layers=0, prompt_tokens=3, label_smoothing=0.0)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, 40, (2, 8), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    batch = {"image": torch.randn(2, 3, 32, 32, generator=gen), "text_ids": ids, "text_mask": mask}
+    loss = model(batch, 0)["caption"]
+    tokens = method.backbone.encode_image(batch["image"])
+    logits = model.decoder(ids, mask, tokens)[:, :-1].log_softmax(-1)
+    nll = -logits.gather(2, ids[:, 1:, None])[..., 0]        # target j predicts token j + 1
+    keep = mask[:, 1:].clone()
+    keep[:, :2] = 0                                           # tokens 1 and 2 are the prompt's (with [CLS]: 3)
+    assert loss.item() == pytest.approx(((nll * keep).sum() / keep.sum()).item(), rel=1e-5)
+    assert model.teacher is None and method.teacher is None
+
+
+@pytest.fixture(scope="module")
+def pretrained(shapes_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("pre") / "albef"
+    pretrain(config(shapes_data, out, "train.steps=4", "train.save_every=4"))
+    return out
+
+
+def test_captioning_finetunes_and_writes_its_captions(pretrained, shapes_data, tmp_path):
+    out = tmp_path / "cap"
+    main(["finetune", "caption", "--config", "finetune/caption_tiny.yaml", "--checkpoint", str(pretrained), *TINY,
+          f"data.root={shapes_data}", f"train.out={out}", "train.steps=2", "train.eval_every=2",
+          "train.save_every=2", "eval.batch_size=16", "task.max_len=4", "task.min_len=2"])
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert {"bleu4", "meteor", "rouge_l", "cider", "val_cider_bleu4"} <= set(metrics)
+    assert metrics["images"] == len(json.loads((shapes_data / "retrieval_test.json").read_text()))
+    result = tmp_path / "eval" / "metrics.json"
+    main(["evaluate", "caption", "--checkpoint", str(out), "--data", str(shapes_data), "--out", str(result),
+          "--max-len", "4"])
+    captions = json.loads((result.parent / "captions.json").read_text())
+    assert len(captions) == metrics["images"] and all(isinstance(c, str) for c in captions.values())
+    assert all(len(c.split()) <= 4 for c in captions.values())
