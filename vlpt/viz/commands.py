@@ -56,3 +56,44 @@ class Codebook(Visualization):
                                              device=device)
         return (f"wrote {out}: one row per codeword ({', '.join(map(str, rows))}), patches of the {args.split} "
                 f"images quantised to it; {used['codebook_used']} of {len(model.quantizer.codewords)} codewords in use")
+
+
+@register("gradcam")
+class GradCAM(Visualization):
+    help = "Grad-CAM of a text on an image: the ITM match's cross-attention map per word and averaged"
+    out = "gradcam.png"
+
+    def arguments(self, p) -> None:
+        p.add_argument("--image", required=True, help="image file")
+        p.add_argument("--text", required=True, help="the text whose words are located")
+        p.add_argument("--layer", type=int, default=-1,
+                       help="fusion layer whose cross-attention is read (Python indexing; ALBEF: 2)")
+
+    def draw(self, model, cfg, tokenizer, args, device) -> str:
+        import torch
+
+        from vlpt.data.annotations import load_image
+        from vlpt.data.transforms import image_transform
+        from vlpt.errors import VlptError
+        from vlpt.viz.gradcam import caption_map, gradcam, save_gradcam
+
+        if not args.text.strip():
+            raise VlptError("--text is empty: give the words to locate")
+        layers = len(model.backbone.fusion.layers)
+        if not -layers <= args.layer < layers:
+            raise VlptError(f"--layer {args.layer}: the fusion encoder has {layers} layers (0..{layers - 1}, or -1)")
+        picture = load_image(args.image)
+        pixels = image_transform(cfg.model.vision.image_size)(picture)[None].to(device)
+        ids, mask = tokenizer([args.text], cfg.model.text.max_len)
+        if int(tokenizer([args.text], 512)[1].sum()) > cfg.model.text.max_len:
+            print(f"note: the text is cut to its first {cfg.model.text.max_len} tokens (model.text.max_len)")
+        ids, mask = ids.to(device), mask.to(device)
+        with torch.no_grad():
+            tokens, hidden = model.backbone.encode_image(pixels), model.backbone.encode_text(ids, mask)
+            match = model.itm_logits(tokens, hidden, mask).softmax(-1)[0, 1].item()
+        cams = gradcam(model, tokens, hidden, mask, args.layer)
+        n = int(mask.sum())
+        words = [tokenizer.decode([i]) for i in ids[0, 1:n - 1].tolist()]  # [CLS] and [SEP] not drawn
+        out = save_gradcam(picture, words, cams[0, 1:n - 1], caption_map(cams, mask)[0], args.out,
+                           title=f'"{args.text}"  ITM match {match:.3f}  (fusion layer {args.layer})')
+        return f"wrote {out}: the map of each word and their average; ITM match probability {match:.3f}"
