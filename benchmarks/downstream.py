@@ -1,5 +1,5 @@
 """Downstream tasks on the embedded data, per method: the demo's pipeline (pretrain, zero-shot retrieval and
-classification, finetuned retrieval, SNLI-VE, NLVR2 with its text assignment), each stage's headline metric beside its
+classification, finetuned retrieval, SNLI-VE, NLVR2 with its text assignment, VQA, captioning, grounding), each stage's headline metric beside its
 trivial baseline, the wall seconds of each finetune (its validation passes included) and of one test evaluation of
 its checkpoint.
 
@@ -35,7 +35,7 @@ def main(argv=None) -> None:
         out = Path(args.out) / method
         for r in demo.run(method, Path(args.data), out, args.overrides):
             r["method"], r["eval_seconds"] = method, None
-            task = {"retrieval, finetuned": "retrieval", "SNLI-VE": "ve", "NLVR2 (test-P)": "nlvr"}.get(r["stage"])
+            task = r.get("task")  # a finetuned task's row
             if task:  # one test evaluation of the finetuned checkpoint, timed alone
                 start = time.perf_counter()
                 evaluate_checkpoint(task, out / task, pick_device("auto"), "test",

@@ -10,7 +10,7 @@ from pathlib import Path
 from vlpt.config import load_config
 from vlpt.engine.runtime import pick_device
 
-FINETUNED = ("retrieval", "ve", "nlvr")  # in this order, each from the pretraining checkpoint
+FINETUNED = ("retrieval", "ve", "nlvr", "vqa", "caption", "grounding")  # in this order, each from the pretraining checkpoint
 NLVR_FUSION = {"maskvlm": "separate"}    # MaskVLM's way (no text assignment); the others: ALBEF's paired fusion
 
 
@@ -36,7 +36,7 @@ def run(method: str, data: Path, out: Path, overrides: list[str] = (), tasks=FIN
     (also written to `out/demo.json`)."""
     from vlpt.data.synthetic import generate
     from vlpt.pretrain import pretrain, pretrain_config
-    from vlpt.tasks.base import evaluate_checkpoint, finetune, finetune_config
+    from vlpt.tasks.base import evaluate_checkpoint, finetune, finetune_config, registry
 
     start = time.perf_counter()
     if not (data / "meta.json").is_file():
@@ -72,13 +72,11 @@ def run(method: str, data: Path, out: Path, overrides: list[str] = (), tasks=FIN
                              [*overrides, f"task.checkpoint={source}", f"data.root={data}", f"train.out={out / task}",
                               *extra])
         m, s = timed(lambda: json.loads((finetune(ft) / "metrics.json").read_text()))
+        task_cls = registry.get(task)
+        metric, value, baseline, baseline_value = task_cls.headline(m)
         if task == "retrieval":
-            rows.append(row("retrieval, finetuned", s, "img_r1", m["img_r1"], "zero-shot img_r1", zero["img_r1"]))
-        else:
-            accuracy, majority = ((m["accuracy"], m["majority_baseline"]) if task == "ve"
-                                  else (m["test_p_accuracy"], m["test_p_majority"]))
-            rows.append(row({"ve": "SNLI-VE", "nlvr": "NLVR2 (test-P)"}[task], s, "accuracy", accuracy,
-                            "majority class", majority))
+            baseline, baseline_value = "zero-shot img_r1", zero["img_r1"]
+        rows.append({**row(task_cls.label, s, metric, value, baseline, baseline_value), "task": task})
     (out / "demo.json").write_text(json.dumps(rows, indent=2) + "\n")
     return rows
 

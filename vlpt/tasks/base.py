@@ -67,6 +67,13 @@ class Task:
         """The printed form of `evaluate`'s metrics."""
         return "\n".join(f"{k:24s} {v}" for k, v in metrics.items())
 
+    label = ""  # the task's name in one-line summaries (`vlpt demo`)
+
+    @staticmethod
+    def headline(metrics: dict) -> tuple[str, float, str, float | None]:
+        """(metric, its value, trivial baseline, its value or None) of test metrics: one row of `vlpt demo`."""
+        raise NotImplementedError
+
     def save(self, metrics: dict, out: Path) -> None:
         """`evaluate`'s metrics as JSON in file `out`; a task that draws figures writes them next to it."""
         out.parent.mkdir(parents=True, exist_ok=True)

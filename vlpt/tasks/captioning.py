@@ -139,6 +139,12 @@ class Captioning(Task):
         super().save(metrics, out)
         (out.parent / "captions.json").write_text(json.dumps(self.captions, indent=1) + "\n")
 
+    label = "captioning"
+
+    @staticmethod
+    def headline(m: dict):
+        return "CIDEr", m["cider"], "", None
+
     def table(self, m: dict) -> str:
         return (f"captioning on {m['images']} images: BLEU-4 {m['bleu4']:.2f}, METEOR {m['meteor']:.2f}, "
                 f"ROUGE-L {m['rouge_l']:.2f}, CIDEr {m['cider']:.2f} (BLEU-1 {m['bleu1']:.2f})")

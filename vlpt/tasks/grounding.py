@@ -132,6 +132,12 @@ class Grounding(Task):
                 "random_baseline": round(100 * chance / n, 2), "records": len(records),
                 "layer": self.cfg.task.layer}
 
+    label = "grounding"
+
+    @staticmethod
+    def headline(m: dict):
+        return "accuracy", m["accuracy"], "random proposal", m["random_baseline"]
+
     def table(self, m: dict) -> str:
         return (f"grounding accuracy {m['accuracy']:.2f} % on {m['records']} expressions (a random proposal: "
                 f"{m['random_baseline']:.2f} %; the proposals' upper bound {m['upper_bound']:.2f} %; layer {m['layer']})")

@@ -178,6 +178,12 @@ class NLVR2(Task):
         return {f"{name}_accuracy": round(100 * accuracy, 2), f"{name}_majority": round(100 * majority, 2),
                 f"{name}_pairs": n}
 
+    label = "NLVR2 (test-P)"
+
+    @staticmethod
+    def headline(m: dict):
+        return "accuracy", m["test_p_accuracy"], "majority class", m["test_p_majority"]
+
     def table(self, m: dict) -> str:
         return "\n".join(f"NLVR2 {name:7s} accuracy {m[f'{name}_accuracy']:6.2f} %   majority class "
                          f"{m[f'{name}_majority']:6.2f} %   {m[f'{name}_pairs']} pairs"

@@ -16,6 +16,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from vlpt import methods
 from vlpt.config import opt
 from vlpt.data.annotations import AnnotationError, load_annotations
 from vlpt.data.loader import ImageFiles, train_loader
@@ -218,7 +219,7 @@ class Retrieval(Task):
 
     def batches(self, start: int):
         records = load_annotations(self.cfg.task.split_file(self.data, "train"), "pretrain")
-        needs = self.method.batch_needs(self.cfg.method) - {"mlm"}  # ITC and ITM only: no masked text
+        needs = methods.registry.get(self.cfg.method.name).batch_needs(self.cfg.method) - {"mlm"}  # ITC, ITM only
         return train_loader(self.cfg, records, self.tokenizer, needs, distributed.rank(), distributed.world_size(),
                             start)
 
@@ -252,6 +253,12 @@ class Retrieval(Task):
                                        batch_size=e.batch_size, device=self.device, num_workers=cfg.data.num_workers)
             metrics.update(usage(indices, len(model.quantizer.codewords)))
         return metrics
+
+    label = "retrieval, finetuned"
+
+    @staticmethod
+    def headline(m: dict):
+        return "img_r1", m["img_r1"], "", None  # its baseline is the same checkpoint zero-shot (`vlpt demo`)
 
     def table(self, m: dict) -> str:
         cols = ["txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10", "r_mean"]

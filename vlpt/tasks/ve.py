@@ -102,6 +102,12 @@ class VisualEntailment(Task):
             metrics[f"accuracy_{name}"] = round(100 * correct[index].item() / max(counts[index].item(), 1), 2)
         return metrics
 
+    label = "SNLI-VE"
+
+    @staticmethod
+    def headline(m: dict):
+        return "accuracy", m["accuracy"], "majority class", m["majority_baseline"]
+
     def table(self, m: dict) -> str:
         per_class = ", ".join(f"{name} {m[f'accuracy_{name}']:.2f}" for name in LABELS)
         return (f"SNLI-VE accuracy {m['accuracy']:.2f} % on {m['examples']} examples (majority class "

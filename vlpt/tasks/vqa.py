@@ -187,6 +187,12 @@ class VQA(Task):
         super().save(metrics, out)
         vqa_eval.write_results(self.predictions, self.question_ids, out.parent / "vqa_result.json")
 
+    label = "VQA"
+
+    @staticmethod
+    def headline(m: dict):
+        return "VQA accuracy", m["vqa_accuracy"], "type's top answer", m["prior_baseline"]
+
     def table(self, m: dict) -> str:
         if "vqa_accuracy" not in m:
             return f"{m['questions']} questions answered ({m['inference']}); no answers to score them against"

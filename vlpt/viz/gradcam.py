@@ -55,7 +55,7 @@ def save_gradcam(picture, words: list[str], cams: torch.Tensor, average: torch.T
     for ax, (name, cam) in zip(axes.flat, panels):
         ax.imshow(picture)
         if cam is not None:
-            ax.imshow(upsample(cam[None].detach().cpu(), height, width)[0], cmap="jet", alpha=0.5)
+            ax.imshow(upsample(cam[None].detach().cpu(), height, width)[0].numpy(), cmap="jet", alpha=0.5)
         ax.set_title(name, fontsize=9)
     for ax in axes.flat:
         ax.axis("off")
