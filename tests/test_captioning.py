@@ -56,7 +56,7 @@ def test_captioning_finetunes_and_writes_its_captions(pretrained, shapes_data, t
           f"data.root={shapes_data}", f"train.out={out}", "train.steps=2", "train.eval_every=2",
           "train.save_every=2", "eval.batch_size=16", "task.max_len=4", "task.min_len=2"])
     metrics = json.loads((out / "metrics.json").read_text())
-    assert {"bleu4", "meteor", "rouge_l", "cider", "val_cider_bleu4"} <= set(metrics)
+    assert {"bleu4", "meteor", "rouge_l", "cider", "val_cider_bleu4", "nearest_cider", "nearest_bleu4"} <= set(metrics)
     assert metrics["images"] == len(json.loads((shapes_data / "retrieval_test.json").read_text()))
     result = tmp_path / "eval" / "metrics.json"
     main(["evaluate", "caption", "--checkpoint", str(out), "--data", str(shapes_data), "--out", str(result),

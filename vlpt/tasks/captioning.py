@@ -34,6 +34,8 @@ class CaptionConfig(SplitsConfig):
     max_len: int = opt(20, "most caption tokens written after the prompt, the stop token included", POSITIVE)
     decoder_layers: int = opt(0, "layers of the caption decoder, initialised from the fusion layers in order; 0: as "
                               "many as the fusion encoder has", NON_NEGATIVE)
+    baseline_images: int = opt(2000, "training images searched by the nearest-caption baseline (the first ones of the "
+                               "train file); 0: no baseline", NON_NEGATIVE)
 
 
 def references(path) -> tuple[list[str], list[list[str]]]:
@@ -129,10 +131,33 @@ class Captioning(Task):
             captions += [tok.decode([i for i in seq if i not in tok.special_ids]) for seq in ids.tolist()]
         return captions
 
+    @torch.no_grad()
+    def features(self, method, images: list[str]) -> torch.Tensor:
+        """The method's normalised ITC image features (I,D)."""
+        feats = [method.encode_image(batch["image"].to(self.device))[1]
+                 for batch in eval_loader(self.cfg, [{"image": p, "caption": ""} for p in images], self.tokenizer)]
+        return torch.cat(feats)
+
+    def nearest_captions(self, method, images: list[str]) -> list[str]:
+        """The trivial baseline (Devlin et al. 2015's nearest neighbour): each image gets the first caption of the
+        training image most similar to it by the method's ITC image features, among `task.baseline_images`."""
+        train: dict[str, str] = {}
+        for r in load_annotations(self.cfg.task.split_file(self.data, "train"), "retrieval"):
+            if len(train) >= self.cfg.task.baseline_images:
+                break
+            train.setdefault(r["image"], r["caption"] if isinstance(r["caption"], str) else r["caption"][0])
+        nearest = (self.features(method, images) @ self.features(method, list(train)).t()).argmax(1)
+        captions = list(train.values())
+        return [captions[i] for i in nearest.tolist()]
+
     def evaluate(self, model, split: str) -> dict:
         images, refs = references(self.cfg.task.split_file(self.data, split))
         self.captions = dict(zip(images, self.generate(model, images)))
-        return {**caption_scores(list(self.captions.values()), refs), "images": len(images)}
+        metrics = {**caption_scores(list(self.captions.values()), refs), "images": len(images)}
+        if self.cfg.task.baseline_images:
+            baseline = caption_scores(self.nearest_captions(model.method, images), refs)
+            metrics.update({f"nearest_{k}": v for k, v in baseline.items()})
+        return metrics
 
     def save(self, metrics: dict, out) -> None:
         """The metrics, and beside them `captions.json`: {image: generated caption}."""
@@ -143,8 +168,11 @@ class Captioning(Task):
 
     @staticmethod
     def headline(m: dict):
-        return "CIDEr", m["cider"], "", None
+        return "CIDEr", m["cider"], "nearest train caption", m.get("nearest_cider")
 
     def table(self, m: dict) -> str:
-        return (f"captioning on {m['images']} images: BLEU-4 {m['bleu4']:.2f}, METEOR {m['meteor']:.2f}, "
+        line = (f"captioning on {m['images']} images: BLEU-4 {m['bleu4']:.2f}, METEOR {m['meteor']:.2f}, "
                 f"ROUGE-L {m['rouge_l']:.2f}, CIDEr {m['cider']:.2f} (BLEU-1 {m['bleu1']:.2f})")
+        if "nearest_cider" in m:
+            line += (f"\nnearest training caption: BLEU-4 {m['nearest_bleu4']:.2f}, CIDEr {m['nearest_cider']:.2f}")
+        return line
