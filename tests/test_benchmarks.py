@@ -69,3 +69,12 @@ def test_downstream_runs_every_stage_of_a_method(shapes_data, tmp_path, capsys):
     for stage in ("| maskvlm | retrieval, finetuned |", "| maskvlm | SNLI-VE |", "| maskvlm | NLVR2 (test-P) |"):
         assert stage in out
     assert "NLVR2 text assignment" not in out  # MaskVLM's NLVR2 fuses each image separately, without TA
+
+
+def test_grounding_layers_sweeps_every_fusion_layer(shapes_data, tmp_path, capsys):
+    import grounding_layers
+    from vlpt.pretrain import pretrain
+    out = tmp_path / "pre"
+    pretrain(config(shapes_data, out, "train.steps=1", "train.save_every=1", "model.text.fusion_layers=2"))
+    rows = grounding_layers.main(["--checkpoint", str(out), "--data", str(shapes_data), "--device", "cpu"])
+    assert [r["layer"] for r in rows] == [0, 1] and "| 1 |" in capsys.readouterr().out
