@@ -165,12 +165,13 @@ class Method(nn.Module):
         """Text states attend to image tokens: (B,L,Wt)."""
         return self.part("backbone", teacher).fuse(image_tokens, text_hidden, text_mask)
 
-    def joint_feature(self, image_tokens, text_hidden, text_mask):
-        return self.backbone.joint_feature(image_tokens, text_hidden, text_mask)
+    def joint_feature(self, image_tokens, text_hidden, text_mask, **kv):
+        """`kv`: the backbone's `context_kv`, rows selected per pair (reranking), in place of projecting them."""
+        return self.backbone.joint_feature(image_tokens, text_hidden, text_mask, **kv)
 
-    def itm_logits(self, image_tokens, text_hidden, text_mask):
-        """Match / no-match logits (B,2) from the backbone's joint feature."""
-        return self.itm_head(self.joint_feature(image_tokens, text_hidden, text_mask))
+    def itm_logits(self, image_tokens, text_hidden, text_mask, **kv):
+        """Match / no-match logits (B,2) from the backbone's joint feature (`kv`: as `joint_feature`'s)."""
+        return self.itm_head(self.joint_feature(image_tokens, text_hidden, text_mask, **kv))
 
     def mlm_logits(self, image_tokens, ids, mask, teacher: bool = False, positions: torch.Tensor | None = None,
                    hidden: torch.Tensor | None = None):

@@ -3,8 +3,11 @@
 - `encode_image(image, patch_mask=None) -> tokens (B,1+N,Wv)` ([CLS] first; masked patches become the mask token)
 - `encode_text(ids, mask) -> hidden (B,L,Wt)`: the unimodal text states
 - `fuse(image_tokens, text_hidden, text_mask) -> (B,L,Wt)`: text states after attending to the image
-- `joint_feature(image_tokens, text_hidden, text_mask) -> (B,Wt)`: the vector an ITM-style head (and a VE or
+- `joint_feature(image_tokens, text_hidden, text_mask, **kv) -> (B,Wt)`: the vector an ITM-style head (and a VE or
   NLVR2 classifier) reads
+- `context_kv(image_tokens, text_hidden) -> {name: per-layer (K, V)}`: the cross-attention keys and values of each
+  context the fusion attends to, projected once per image (`image_kv`, and per text `text_kv` where the text is a
+  context too), for `joint_feature(..., **kv)` to reuse over many pairs (reranking); either argument may be None
 - `pool(hidden, mask) -> (B,W)`: text states to one vector (`model.text.pool`)
 - `blocks()`: its repeated transformer blocks, which FSDP, compile and gradient checkpointing act on
 
@@ -39,13 +42,21 @@ class DualStream(nn.Module):
     def encode_text(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return self.text(ids, mask)
 
-    def fuse(self, image_tokens, text_hidden, text_mask) -> torch.Tensor:
-        """Text states attend to themselves and to the image tokens: (B,L,Wt)."""
-        return self.fusion(text_hidden, text_mask, image_tokens)
+    def fuse(self, image_tokens, text_hidden, text_mask, image_kv=None) -> torch.Tensor:
+        """Text states attend to themselves and to the image tokens: (B,L,Wt). `image_kv`: `image_kv(image_tokens)`
+        in their place (its rows one per text, or one per group of consecutive texts: `text.Attention.forward`)."""
+        return self.fusion(text_hidden, text_mask, image_tokens, context_kv=image_kv)
 
-    def joint_feature(self, image_tokens, text_hidden, text_mask) -> torch.Tensor:
-        """The pooled fused states ([CLS] in ALBEF)."""
-        return self.pool(self.fuse(image_tokens, text_hidden, text_mask), text_mask)
+    def image_kv(self, image_tokens) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each fusion layer's cross-attention keys and values of the image tokens (B,1+N,Wv): (B,heads,1+N,d)."""
+        return self.fusion.context_kv(image_tokens)
+
+    def context_kv(self, image_tokens=None, text_hidden=None) -> dict[str, list]:
+        return {} if image_tokens is None else {"image_kv": self.image_kv(image_tokens)}
+
+    def joint_feature(self, image_tokens, text_hidden, text_mask, image_kv=None) -> torch.Tensor:
+        """The pooled fused states ([CLS] in ALBEF); with `image_kv` the image tokens are not read (may be None)."""
+        return self.pool(self.fuse(image_tokens, text_hidden, text_mask, image_kv), text_mask)
 
     def pool(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """(B,L,W) -> (B,W): the [CLS] state, or the mean over unpadded tokens (`model.text.pool`)."""
@@ -79,15 +90,25 @@ class CrossPair(DualStream):
         self.itm_image_proj = nn.Linear(v.width, t.width) if v.width != t.width else nn.Identity()
         init_bert_(self.itm_image_proj)
 
-    def fuse_image(self, image_tokens, text_hidden, text_mask) -> torch.Tensor:
-        """g_im: (B,1+N,Wv)."""
-        return self.image_fusion(image_tokens, None, text_hidden, text_mask)
+    def fuse_image(self, image_tokens, text_hidden, text_mask, text_kv=None) -> torch.Tensor:
+        """g_im: (B,1+N,Wv). `text_kv`: `text_kv(text_hidden)` in place of the text states (rows as `fuse`'s
+        `image_kv`); `text_mask` stays the texts' mask."""
+        return self.image_fusion(image_tokens, None, text_hidden, text_mask, context_kv=text_kv)
 
-    def joint_feature(self, image_tokens, text_hidden, text_mask) -> torch.Tensor:
+    def text_kv(self, text_hidden) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each image cross-encoder layer's cross-attention keys and values of text states (B,L,Wt): (B,heads,L,d)."""
+        return self.image_fusion.context_kv(text_hidden)
+
+    def context_kv(self, image_tokens=None, text_hidden=None) -> dict[str, list]:
+        return {**super().context_kv(image_tokens),
+                **({} if text_hidden is None else {"text_kv": self.text_kv(text_hidden)})}
+
+    def joint_feature(self, image_tokens, text_hidden, text_mask, image_kv=None, text_kv=None) -> torch.Tensor:
         """MaskVLM Eq. 3: z_im^cross * z_txt^cross, the image cross-encoder's [CLS] times the pooled text
-        cross-encoder output."""
-        image_cls = self.fuse_image(image_tokens, text_hidden, text_mask)[:, 0]
-        return self.itm_image_proj(image_cls) * self.pool(self.fuse(image_tokens, text_hidden, text_mask), text_mask)
+        cross-encoder output. The image tokens are the image cross-encoder's queries: read even with `image_kv`."""
+        image_cls = self.fuse_image(image_tokens, text_hidden, text_mask, text_kv)[:, 0]
+        fused = self.fuse(image_tokens, text_hidden, text_mask, image_kv)
+        return self.itm_image_proj(image_cls) * self.pool(fused, text_mask)
 
     def encoders(self) -> list[nn.Module]:
         return [*super().encoders(), self.image_fusion]

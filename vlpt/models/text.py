@@ -48,13 +48,41 @@ class Attention(nn.Module):
         self.probs: torch.Tensor | None = None
 
     def _split(self, x: torch.Tensor) -> torch.Tensor:
-        b, n, _ = x.shape
-        return x.view(b, n, self.heads, -1).transpose(1, 2)
+        b, n, w = x.shape
+        return x.view(b, n, self.heads, w // self.heads).transpose(1, 2)
 
-    def forward(self, x, context=None, mask=None, causal: bool = False):
-        """x (B,N,W); context (B,M,Wk) or None for self-attention; mask (B,M) with 1 = attend."""
-        context = x if context is None else context
-        q, k, v = self._split(self.query(x)), self._split(self.key(context)), self._split(self.value(context))
+    def project_kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A context's keys and values (B,M,Wk) -> (B,heads,M,W/heads) each, as `forward` computes them: projected
+        once, they serve every query that attends to that context (`forward(..., kv=...)`)."""
+        return self._split(self.key(context)), self._split(self.value(context))
+
+    def forward(self, x, context=None, mask=None, causal: bool = False, kv=None):
+        """x (B,N,W); context (B,M,Wk) or None for self-attention; mask (B,M) with 1 = attend.
+
+        `kv`: keys and values from `project_kv` in place of `context`, with B rows (one per row of x) or G rows, G
+        dividing B: then row j serves the B/G consecutive rows of x from j * B/G on, whose queries are folded into one
+        sequence of (B/G)*N queries against that one context (no copy of its keys and values); `mask` then has B rows
+        (rows of a group alike: the first of each is read) or G. Not with `causal`."""
+        b, n = x.shape[:2]
+        if kv is None:
+            context = x if context is None else context
+            k, v = self._split(self.key(context)), self._split(self.value(context))
+        else:
+            k, v = kv
+        q = self._split(self.query(x))
+        group = b // k.shape[0]
+        if k.shape[0] != b:
+            if k.shape[0] * group != b or causal:
+                raise ValueError(f"keys and values for {k.shape[0]} contexts cannot serve {b} rows"
+                                 + (" causally" if causal else ""))
+            if mask is not None and mask.shape[0] != k.shape[0]:
+                mask = mask[::group]
+            if self.capture:  # the kept probabilities stay (B,heads,N,M): one copy of the context per row
+                k, v = k.repeat_interleave(group, 0), v.repeat_interleave(group, 0)
+                mask = None if mask is None else mask.repeat_interleave(group, 0)
+                group = 1
+            else:
+                q = q.view(k.shape[0], group, self.heads, n, -1).transpose(1, 2).flatten(2, 3)  # (G,heads,group*N,d)
         bias = None
         if mask is not None:
             bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(mask == 0, float("-inf"))
@@ -74,6 +102,8 @@ class Attention(nn.Module):
         else:
             h = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=causal,
                                                dropout_p=self.dropout if self.training else 0.0)
+        if group > 1:
+            h = h.unflatten(2, (group, n)).transpose(1, 2).flatten(0, 1)  # back to (B,heads,N,d)
         h = h.transpose(1, 2).flatten(2)
         return self.norm(x + self.drop(self.out(h)))
 
@@ -105,10 +135,11 @@ class Layer(nn.Module):
         self.norm = nn.LayerNorm(cfg.width, eps=1e-12)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, mask=None, context=None, context_mask=None, causal=False):
+    def forward(self, x, mask=None, context=None, context_mask=None, causal=False, context_kv=None):
+        """`context_kv`: the cross-attention's keys and values of the context (`cross.project_kv`) in its place."""
         x = self.attention(x, mask=mask, causal=causal)
-        if self.cross is not None and context is not None:
-            x = self.cross(x, context, context_mask)
+        if self.cross is not None and (context is not None or context_kv is not None):
+            x = self.cross(x, context, context_mask, kv=context_kv)
         return self.norm(x + self.drop(self.fc2(F.gelu(self.fc1(x)))))
 
 
@@ -170,9 +201,17 @@ class FusionEncoder(nn.Module):
     grad_checkpointing = False
     set_grad_checkpointing = TextEncoder.set_grad_checkpointing
 
-    def forward(self, x, mask, context, context_mask=None, causal: bool = False):
-        for layer in self.layers:
-            x = run_layer(layer, self.grad_checkpointing, x, mask, context, context_mask, causal=causal)
+    def context_kv(self, context: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each layer's cross-attention keys and values of a context (B,M,Wc): (B,heads,M,W/heads) each. The
+        context does not change from layer to layer, so these serve any number of queries attending to it."""
+        return [layer.cross.project_kv(context) for layer in self.layers]
+
+    def forward(self, x, mask, context=None, context_mask=None, causal: bool = False, context_kv=None):
+        """`context_kv`: `context_kv(context)` in place of `context` (its rows selected or grouped, see
+        `Attention.forward`)."""
+        for i, layer in enumerate(self.layers):
+            kv = None if context_kv is None else context_kv[i]
+            x = run_layer(layer, self.grad_checkpointing, x, mask, context, context_mask, causal=causal, context_kv=kv)
         return x
 
 

@@ -4,7 +4,11 @@ Finetuning trains the method's own ITC (image-id positives in batch and queue, d
 `Retrieval.py`.
 
 Reranking runs many (image, text) pairs per fusion forward pass; `rerank_loop` is the per-query loop of the
-reference implementation, kept for the benchmark that compares the two.
+reference implementation, kept for the benchmark that compares the two. By default (`cached_match_scores`) the
+fusion's cross-attention keys and values of each context are projected once, not once per pair: a query's own
+(an image's for its k candidate texts; for MaskVLM's image cross-encoder also a text's for its k images) in each
+pass, the candidates' from a cache of every image (and text) made once, and each pass computes no padding beyond
+its longest text. `cache=False` is the plain path: every pair's fusion pass from the tokens.
 """
 from __future__ import annotations
 
@@ -74,23 +78,131 @@ def _match_scores(model, enc: dict, image_idx: torch.Tensor, text_idx: torch.Ten
     return logits[:, 1].float()
 
 
+def cache_fits(model) -> bool:
+    """Whether `cached_match_scores` serves this model: its ITM logits are the base `Method`'s (the ITM head on the
+    backbone's joint feature, which takes precomputed keys and values) and its backbone gives `context_kv`. Every
+    method in vlpt fits (ALBEF, CODIS, CB-ViLA on `DualStream`, MaskVLM on `CrossPair`); one that overrides
+    `itm_logits` or `joint_feature` takes the plain path."""
+    from vlpt.methods.base import Method
+    return (isinstance(model, Method) and type(model).itm_logits is Method.itm_logits
+            and type(model).joint_feature is Method.joint_feature and hasattr(model.backbone, "context_kv"))
+
+
+CACHE_BYTES = 1 << 30
+"""Most bytes of candidates' keys and values `cached_match_scores` holds at once; beyond it, chunks of candidates."""
+
+
+def text_lengths(mask: torch.Tensor) -> torch.Tensor:
+    """(T,L) mask -> (T,) one past each text's last real token (padding is on the right)."""
+    positions = torch.arange(1, mask.shape[1] + 1, device=mask.device)
+    return (mask.ne(0) * positions).amax(1)
+
+
+def _row_bytes(kv: dict) -> int:
+    """Bytes of one row of each layer's (K, V)."""
+    return sum(t.shape[1:].numel() * t.element_size() for layers in kv.values() for pair in layers for t in pair)
+
+
+def _take(kv: dict, rows: torch.Tensor, length: int | None = None) -> dict:
+    """The given rows of each layer's (K, V); text keys and values cut to `length` tokens first (a view)."""
+    out = {}
+    for name, layers in kv.items():
+        cut = length if name == "text_kv" else None
+        out[name] = [(k[:, :, :cut].index_select(0, rows), v[:, :, :cut].index_select(0, rows)) for k, v in layers]
+    return out
+
+
+@torch.no_grad()
+def cached_match_scores(model, enc: dict, image_idx: torch.Tensor, text_idx: torch.Tensor, batch_size: int,
+                        query: str = "image", progress: bool = False, cache_bytes: int = CACHE_BYTES) -> torch.Tensor:
+    """The ITM match logits of pairs (image_idx[i], text_idx[i]), as `_match_scores` computes them, in their order,
+    with each context's cross-attention keys and values projected once (`model.backbone.context_kv`).
+
+    The pairs come grouped by `query` ("image" or "text"): each query's pairs consecutive. Per pass of about
+    `batch_size` pairs (whole queries where they fit) the queries' own keys and values are projected once and
+    serve all their candidates (one per query, its candidates' queries folded together: `text.Attention.forward`);
+    the candidates' (the other modality) come from a cache of every candidate projected once, gathered per pair,
+    in chunks of at most `cache_bytes` (pairs regrouped by chunk). Queries go in order of their longest text so
+    that a pass holds texts of similar length, and each pass's texts are cut to its longest real one.
+    """
+    if query not in ("image", "text"):
+        raise ValueError(f"query must be 'image' or 'text', got {query!r}")
+    backbone, n = model.backbone, len(image_idx)
+    device = enc["text_hidden"].device
+    if n == 0:
+        return torch.zeros(0, device=device)
+    lengths = text_lengths(enc["text_mask"])
+    q_idx, c_idx = (image_idx, text_idx) if query == "image" else (text_idx, image_idx)
+    starts = torch.ones(n, dtype=torch.bool, device=device)
+    starts[1:] = q_idx[1:] != q_idx[:-1]
+    group = starts.cumsum(0) - 1                                         # the query group of each pair
+    longest = torch.zeros(int(group[-1]) + 1, dtype=lengths.dtype, device=device)
+    longest.scatter_reduce_(0, group, lengths[text_idx], "amax", include_self=False)
+
+    def candidate_kv(rows: torch.Tensor) -> dict:
+        if query == "image":
+            return backbone.context_kv(text_hidden=enc["text_hidden"][rows])
+        return backbone.context_kv(image_tokens=enc["image_tokens"][rows])
+
+    n_candidates = len(enc["text_hidden"] if query == "image" else enc["image_tokens"])
+    one = _row_bytes(candidate_kv(c_idx[:0]))                          # sized on no candidate: nothing projected
+    chunk = n_candidates if one == 0 else max(1, min(n_candidates, cache_bytes // one))
+    # Passes: by chunk of candidates, then queries by their longest text (stable: a query's pairs stay together).
+    order = torch.argsort(longest[group], stable=True)
+    order = order[torch.argsort(c_idx[order] // chunk, stable=True)]
+    scores = torch.empty(n, device=device)
+    per_query = int(torch.bincount(group).max())
+    rows_per_pass = max(batch_size // per_query, 1) * per_query
+    for first in tqdm(range(0, n_candidates, chunk), desc="rerank", disable=None if progress else True, leave=False):
+        in_chunk = order[(c_idx[order] >= first) & (c_idx[order] < first + chunk)]
+        if not len(in_chunk):
+            continue
+        cache = candidate_kv(torch.arange(first, min(first + chunk, n_candidates), device=device)) if one else {}
+        for s in range(0, len(in_chunk), rows_per_pass):
+            rows = in_chunk[s:s + rows_per_pass]
+            img, txt = image_idx[rows], text_idx[rows]
+            length = int(lengths[txt].max())
+            hidden, mask = enc["text_hidden"][txt, :length], enc["text_mask"][txt, :length]
+            queries, counts = torch.unique_consecutive(q_idx[rows], return_counts=True)
+            if query == "image":
+                kv = backbone.context_kv(image_tokens=enc["image_tokens"][queries])
+            else:
+                kv = backbone.context_kv(text_hidden=enc["text_hidden"][queries, :length])
+            if not bool((counts == counts[0]).all()):                    # groups split by a chunk: one row per pair
+                kv = _take(kv, torch.repeat_interleave(torch.arange(len(queries), device=device), counts))
+            kv.update(_take(cache, c_idx[rows] - first, length))
+            scores[rows] = model.itm_logits(enc["image_tokens"][img], hidden, mask, **kv)[:, 1].float()
+        del cache
+    return scores
+
+
 @torch.no_grad()
 def rerank(model, enc: dict, sim: torch.Tensor, k: int, batch_size: int, progress: bool = True,
-           itc_weight: float = 0.0):
+           itc_weight: float = 0.0, cache: bool | None = None):
     """ITM scores of each image's top-k texts and each text's top-k images, `batch_size` pairs per forward pass.
 
     `sim` (I,T) are ITC logits (similarity / temperature). Returns score matrices (I,T) and (T,I): for reranked
-    candidates the ITM match logit (ALBEF) plus `itc_weight` times the ITC logit, -100 elsewhere.
+    candidates the ITM match logit (ALBEF) plus `itc_weight` times the ITC logit, -100 elsewhere. `cache`:
+    `cached_match_scores` (default where `cache_fits`), or False for the plain path (every pair's fusion from the
+    tokens, at the full text width).
     """
+    if cache is None:
+        cache = cache_fits(model)
+    elif cache and not cache_fits(model):
+        raise ValueError(f"{type(model).__name__}'s ITM does not take cached keys and values (see cache_fits)")
     out = []
     for scores, queries_are_images in ((sim, True), (sim.t(), False)):
         top = scores.topk(min(k, scores.shape[1]), dim=1).indices           # (Q,k)
         query = torch.arange(len(scores), device=sim.device)[:, None].expand_as(top).reshape(-1)
         cand = top.reshape(-1)
         image_idx, text_idx = (query, cand) if queries_are_images else (cand, query)
-        itm = torch.cat([_match_scores(model, enc, image_idx[s:s + batch_size], text_idx[s:s + batch_size])
-                         for s in tqdm(range(0, len(cand), batch_size), desc="rerank", disable=None if progress else True,
-                                       leave=False)])
+        if cache:
+            itm = cached_match_scores(model, enc, image_idx, text_idx, batch_size,
+                                      "image" if queries_are_images else "text", progress)
+        else:
+            itm = torch.cat([_match_scores(model, enc, image_idx[s:s + batch_size], text_idx[s:s + batch_size])
+                             for s in tqdm(range(0, len(cand), batch_size), desc="rerank",
+                                           disable=None if progress else True, leave=False)])
         full = torch.full(scores.shape, -100.0, device=scores.device)
         full.scatter_(1, top, itm.view_as(top) + itc_weight * scores.gather(1, top))
         out.append(full)
