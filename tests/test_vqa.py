@@ -206,3 +206,20 @@ def test_bad_inference_mode_is_a_config_error(shapes_data, tmp_path, capsys):
     message = cli_error(["finetune", "vqa", "--config", "finetune/vqa_tiny.yaml", "--checkpoint", str(tmp_path),
                          "task.inference=beam"], capsys)
     assert "task.inference" in message and "rank, generate" in message
+
+
+def test_vqa_decoder_attends_to_the_text_width_keeping_what_fits_of_the_fusion_layers(shapes_data, tmp_path):
+    """Vision 48 wide, text 32: the answer decoder's cross-attention reads the fused question (32), so its keys and
+    values stay fresh while everything else is the fusion layers' copy."""
+    cfg = config(shapes_data, tmp_path, "model.vision.width=48", "model.vision.heads=3")
+    method = methods.build(cfg, 40)
+    model = vqa.VQAModel(method, layers=0)
+    layer, fusion = model.decoder.layers[0], method.backbone.fusion.layers[0]
+    assert layer.cross.key.in_features == 32 and fusion.cross.key.in_features == 48
+    assert torch.equal(layer.cross.query.weight, fusion.cross.query.weight)
+    assert torch.equal(layer.attention.key.weight, fusion.attention.key.weight)
+    batch = {"image": torch.randn(2, 3, 32, 32), "text_ids": torch.randint(5, 40, (2, 6)),
+             "text_mask": torch.ones(2, 6, dtype=torch.long), "answer_ids": torch.randint(5, 40, (2, 3)),
+             "answer_mask": torch.ones(2, 3, dtype=torch.long), "answer_weight": torch.ones(2),
+             "answer_owner": torch.tensor([0, 1])}
+    assert torch.isfinite(model(batch, 0)["vqa"])

@@ -136,7 +136,10 @@ class MethodConfig:
         for rules across sections."""
         if not self.losses:
             fail(prefix + "losses", "a list of at least one loss", self.losses)
-        if any(len({w.lower() for w in g}) < 2 for g in self.itm_swap_words):
+        from vlpt.data.swaps import check_groups
+        try:
+            check_groups(self.itm_swap_words)
+        except ValueError:
             fail(prefix + "itm_swap_words", "groups of at least two distinct words", self.itm_swap_words)
 
 

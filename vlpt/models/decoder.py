@@ -25,14 +25,27 @@ class Decoder(nn.Module):
         self.head = MLMHead(cfg.width, vocab_size)
         init_bert_(self)
 
+    @classmethod
+    def from_method(cls, method, context_width: int, layers: int = 0) -> "Decoder":
+        """A decoder at the method's text width cross-attending to contexts `context_width` wide (image tokens: the
+        ViT's; a fused question: the text's), `layers` deep (0: as many as the fusion encoder), initialised by
+        `init_from` from the method's text encoder, fusion layers and MLM head."""
+        backbone = method.backbone
+        decoder = cls(backbone.text.embeddings.word.num_embeddings, method.cfg.model.text, context_width,
+                      layers or len(backbone.fusion.layers))
+        decoder.init_from(backbone.text, backbone.fusion.layers, method.mlm_head)
+        return decoder
+
     def init_from(self, text: TextEncoder, fusion_layers: nn.ModuleList, mlm_head: MLMHead) -> int:
         """ALBEF's VQA initialisation: the text encoder's embeddings, the fusion layers in order (decoder layer i
-        from fusion layer i; ALBEF copies BERT layers 6-11 into a 6-layer decoder) and the MLM head. Returns how many
-        layers were copied (the rest stay fresh)."""
+        from fusion layer i; ALBEF copies BERT layers 6-11 into a 6-layer decoder) and the MLM head; a cross-attention
+        key or value of another context width than the fusion's stays fresh. Returns how many layers were copied
+        (layers beyond the fusion's stay fresh)."""
         self.embeddings.load_state_dict(text.embeddings.state_dict())
         self.head.load_state_dict(mlm_head.state_dict())
         for mine, theirs in zip(self.layers, fusion_layers):
-            mine.load_state_dict(theirs.state_dict())
+            shapes = {k: v.shape for k, v in mine.state_dict().items()}
+            mine.load_state_dict({k: v for k, v in theirs.state_dict().items() if v.shape == shapes[k]}, strict=False)
         return min(len(self.layers), len(fusion_layers))
 
     def forward(self, ids, mask, context, context_mask=None) -> torch.Tensor:

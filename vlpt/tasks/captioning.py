@@ -81,10 +81,7 @@ class CaptionModel(TaskModel):
 
     def __init__(self, method, layers: int, prompt_tokens: int, label_smoothing: float):
         super().__init__(method)
-        backbone = method.backbone
-        self.decoder = Decoder(backbone.text.embeddings.word.num_embeddings, method.cfg.model.text,
-                               method.cfg.model.vision.width, layers or len(backbone.fusion.layers))
-        self.decoder.init_from(backbone.text, backbone.fusion.layers, method.mlm_head)
+        self.decoder = Decoder.from_method(method, method.cfg.model.vision.width, layers)  # over the image tokens
         self.prompt_tokens, self.label_smoothing = prompt_tokens, label_smoothing
         self.replace_teacher(None)  # BLIP's captioner has no momentum distillation
 

@@ -6,8 +6,9 @@ vocabulary, SemMIM); scored as the official evaluation does (`vqa_eval.py`), per
 """
 from __future__ import annotations
 
+import functools
 import json
-from collections import Counter
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,12 +71,9 @@ class VQAModel(TaskModel):
 
     def __init__(self, method, layers: int):
         super().__init__(method)
-        t, backbone = method.cfg.model.text, method.backbone
-        self.decoder = Decoder(backbone.text.embeddings.word.num_embeddings, t, method.cfg.model.vision.width,
-                               layers or len(backbone.fusion.layers))
-        self.decoder.init_from(backbone.text, backbone.fusion.layers, method.mlm_head)
+        self.decoder = Decoder.from_method(method, method.cfg.model.text.width, layers)  # over the fused question
         distill = method.teacher is not None
-        self.replace_teacher({"backbone": backbone, "decoder": self.decoder} if distill else None)
+        self.replace_teacher({"backbone": method.backbone, "decoder": self.decoder} if distill else None)
 
     def question(self, batch: dict, teacher: bool = False) -> torch.Tensor:
         """The fused question states (B,L,W)."""
@@ -170,16 +168,20 @@ class VQA(Task):
         return {**vqa_eval.score(self.predictions, records), "inference": self.cfg.task.inference,
                 "prior_baseline": self.prior_baseline(records)}
 
+    @functools.cached_property
+    def top_answers(self) -> tuple[dict[str, str], str]:
+        """The most frequent training answer per question type ("" for records without one) and overall; read once."""
+        counts: dict[str, Counter] = defaultdict(Counter)
+        for r in read_vqa(self.cfg.task.split_file(self.data, "train"), train=True):
+            counts[r.get("question_type", "")].update(r["answer"])
+        overall = sum(counts.values(), Counter()).most_common(1)[0][0]
+        return {kind: c.most_common(1)[0][0] for kind, c in counts.items()}, overall
+
     def prior_baseline(self, records: list[dict]) -> float:
         """The trivial baseline: VQA accuracy of answering every question with the most frequent training answer of
-        its question type (of all questions where records have no type)."""
-        train = read_vqa(self.cfg.task.split_file(self.data, "train"), train=True)
-        counts: dict[str, Counter] = {}
-        for r in train:
-            counts.setdefault(r.get("question_type", ""), Counter()).update(r["answer"])
-        overall = sum(counts.values(), Counter()).most_common(1)[0][0]
-        guess = {r["question_id"]: (counts.get(r.get("question_type", "")) or Counter({overall: 1})).most_common(1)[0][0]
-                 for r in records}
+        its question type (of all questions for a type training lacks)."""
+        by_type, overall = self.top_answers
+        guess = {r["question_id"]: by_type.get(r.get("question_type", ""), overall) for r in records}
         return vqa_eval.score(guess, records)["vqa_accuracy"]
 
     def save(self, metrics: dict, out: Path) -> None:
