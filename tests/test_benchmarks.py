@@ -78,3 +78,10 @@ def test_grounding_layers_sweeps_every_fusion_layer(shapes_data, tmp_path, capsy
     pretrain(config(shapes_data, out, "train.steps=1", "train.save_every=1", "model.text.fusion_layers=2"))
     rows = grounding_layers.main(["--checkpoint", str(out), "--data", str(shapes_data), "--device", "cpu"])
     assert [r["layer"] for r in rows] == [0, 1] and "| 1 |" in capsys.readouterr().out
+
+
+def test_decoding_benchmark_checks_cached_and_recomputed_greedy_agree(capsys):
+    import decoding
+    rows = decoding.main(["--batch", "2", "--tokens", "3", "--repeats", "1", "--context", "5"])
+    assert [r["mode"] for r in rows][:2] == ["greedy, whole prefix each step", "greedy, cached (generate)"]
+    assert "identical tokens" in capsys.readouterr().out

@@ -73,6 +73,25 @@ def test_token_losses_match_cross_entropy_skip_padding_and_prompt_and_mix_the_te
     assert torch.allclose(smooth, (by_torch * keep).sum(1), atol=1e-5)
 
 
+def test_cached_decoding_equals_the_whole_sequence_forward_also_with_contexts_shared_by_beams():
+    d = tiny_decoder()
+    ctx, mask = context()
+    ids = torch.randint(5, 30, (3, 6), generator=torch.Generator().manual_seed(2))
+    whole = d(ids, torch.ones_like(ids), ctx, mask)
+    cross_kv = [layer.cross.project_kv(ctx) for layer in d.layers]
+    logits, cache = d.extend(ids[:, :2], None, cross_kv, mask)  # a two-token prefix, then one token a step
+    steps = [logits]
+    for t in range(2, 6):
+        logits, cache = d.extend(ids[:, t:t + 1], cache, cross_kv, mask)
+        steps.append(logits)
+    assert cache[0][0].shape[2] == 6
+    assert torch.allclose(torch.cat(steps, 1), whole, atol=1e-5)
+    beams = ids.repeat_interleave(2, 0)  # two rows per context, the context's keys and values not repeated
+    logits, cache = d.extend(beams[:, :3], None, cross_kv, mask)
+    logits, _ = d.extend(beams[:, 3:4], cache, cross_kv, mask)
+    assert torch.allclose(logits, whole[:, 3:4].repeat_interleave(2, 0), atol=1e-5)
+
+
 def test_greedy_search_is_the_argmax_loop_and_beams_score_at_least_as_high():
     d = tiny_decoder()
     ctx, mask = context()

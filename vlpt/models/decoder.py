@@ -1,7 +1,7 @@
 """The text decoder of VQA and captioning, written with the BERT layers of `text.py`: embeddings, causal layers with
 cross-attention to a context (a fused question, or image tokens), and an LM head tied to its word embeddings
 (ALBEF `model_vqa.py`'s BertLMHeadModel; BLIP's captioner). Decoding is batched greedy or beam search with a stop
-token and length limits.
+token and length limits, each step computing only the newest position against cached keys and values.
 """
 from __future__ import annotations
 
@@ -73,22 +73,44 @@ class Decoder(nn.Module):
             loss = (1 - alpha) * loss + alpha * soft
         return loss.view_as(targets).sum(1), logits
 
+    def extend(self, ids, cache, cross_kv, context_mask=None):
+        """`forward` one step at a time: ids (R,T) are the next T tokens of R sequences (T > 1 only at the start)
+        whose earlier positions' self-attention keys and values are `cache` (per layer (k, v), each
+        (R,heads,S,W/heads); None at the start); `cross_kv` per layer the context's cross-attention keys and values
+        (`cross.project_kv`) for R rows or for R/beams contexts serving consecutive rows. Returns the T positions'
+        logits (R,T,V) and the cache extended by them; every earlier position is attended (no padding inside a
+        decoded sequence), so the logits equal `forward` on the whole sequence."""
+        start = 0 if cache is None else cache[0][0].shape[2]
+        x = self.embeddings(ids, start)
+        extended = []
+        for i, (layer, kv) in enumerate(zip(self.layers, cross_kv)):
+            k, v = layer.attention.project_kv(x)
+            if cache is not None:
+                k, v = torch.cat([cache[i][0], k], 2), torch.cat([cache[i][1], v], 2)
+            extended.append((k, v))
+            x = layer.attention(x, kv=(k, v), causal=cache is None and ids.shape[1] > 1)
+            x = layer.feed_forward(layer.cross(x, mask=context_mask, kv=kv))
+        return self.head(x, self.embeddings.word.weight), extended
+
     @torch.no_grad()
     def generate(self, context, context_mask, prefix: torch.Tensor, stop_id: int, max_new: int, beams: int = 1,
                  min_new: int = 0, pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """Batched beam search (greedy with `beams` 1) after `prefix` (B,P): each sequence ends at `stop_id` or
         after `max_new` tokens, and no earlier than `min_new`. Returns the best continuation per row (B,T, padded
-        with `pad_id`, the stop token kept) and its summed log-probability (B,)."""
+        with `pad_id`, the stop token kept) and its summed log-probability (B,). The context's cross-attention keys and
+        values are projected once (not per beam); each step runs the newest token only (`extend`)."""
         b, p = prefix.shape
-        context = context.repeat_interleave(beams, 0)
-        context_mask = None if context_mask is None else context_mask.repeat_interleave(beams, 0)
+        cross_kv = [layer.cross.project_kv(context) for layer in self.layers]  # once per context, for all its beams
         seqs = prefix.repeat_interleave(beams, 0)
         scores = torch.zeros(b, beams, device=prefix.device)
         scores[:, 1:] = float("-inf")  # every beam starts as the same prefix: keep one until they diverge
         done = torch.zeros(b * beams, dtype=torch.bool, device=prefix.device)
+        logits, cache = self.extend(seqs, None, cross_kv, context_mask)
         for t in range(max_new):
-            mask = torch.ones_like(seqs)
-            logp = self(seqs, mask, context, context_mask)[:, -1].float().log_softmax(-1)  # (B*beams,V)
+            if t:  # the beams kept last step, their caches, then one position more
+                cache = [(k[origin], v[origin]) for k, v in cache]
+                logits, cache = self.extend(token[:, None], cache, cross_kv, context_mask)
+            logp = logits[:, -1].float().log_softmax(-1)  # (B*beams,V)
             if t < min_new:
                 logp[:, stop_id] = float("-inf")
             # a finished beam extends only with padding, at no cost

@@ -140,6 +140,10 @@ class Layer(nn.Module):
         x = self.attention(x, mask=mask, causal=causal)
         if self.cross is not None and (context is not None or context_kv is not None):
             x = self.cross(x, context, context_mask, kv=context_kv)
+        return self.feed_forward(x)
+
+    def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The MLP and its post-norm residual, after the attentions."""
         return self.norm(x + self.drop(self.fc2(F.gelu(self.fc1(x)))))
 
 
@@ -152,8 +156,9 @@ class Embeddings(nn.Module):
         self.norm = nn.LayerNorm(cfg.width, eps=1e-12)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        pos = torch.arange(ids.shape[1], device=ids.device)
+    def forward(self, ids: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """ids (B,L) at positions start..start+L-1 (`start` > 0: the next tokens of a decoded sequence)."""
+        pos = torch.arange(start, start + ids.shape[1], device=ids.device)
         x = self.word(ids) + self.position(pos)[None] + self.token_type.weight[0]
         return self.drop(self.norm(x))
 
