@@ -11,7 +11,8 @@
 - `pool(hidden, mask) -> (B,W)`: text states to one vector (`model.text.pool`)
 - `blocks()`: its repeated transformer blocks, which FSDP, compile and gradient checkpointing act on
 
-`DualStream` is ALBEF's (CODIS, CB-ViLA); `CrossPair` adds MaskVLM's image cross-modality encoder.
+`DualStream` is ALBEF's (CODIS, CB-ViLA); `CrossPair` adds MaskVLM's image cross-modality encoder; `SingleStream` is
+SIMLA's one BERT stack serving as text encoder (cross-attention skipped) and as multimodal encoder.
 """
 from __future__ import annotations
 
@@ -122,3 +123,31 @@ def image_side(cfg: ModelConfig, layers: int):
     v = cfg.vision
     return dataclasses.replace(cfg.text, width=v.width, heads=v.heads, intermediate=int(v.width * v.mlp_ratio),
                                fusion_layers=layers)
+
+
+class SingleStream(DualStream):
+    """SIMLA Sec. 2.1: a ViT and one BERT stack with cross-attention in every layer (`fusion`, model.text.text_layers +
+    model.text.fusion_layers deep: BERT's 12 in base), run without a context as the unimodal text encoder E_l and
+    with the image tokens as E_mm. `text` holds the embeddings only (no layers of its own).
+
+    The protocol's `text_hidden` is what `fuse` reads: here the token embeddings, the stack's input, so every caller
+    that encodes a text once and fuses it with many images (ITM, reranking, VE, NLVR2, VQA, grounding) runs the whole
+    stack per pair as SIMLA does; `unimodal(text_hidden, mask)` runs the stack without cross-attention (the ITC
+    features). The ViT owns a mask token (MIM of block-masked images)."""
+
+    def __init__(self, cfg: ModelConfig, vocab_size: int):
+        nn.Module.__init__(self)
+        self.cfg = cfg
+        t = cfg.text
+        self.vision = build_vit(cfg.vision, mask_token=True)
+        self.text = TextEncoder(vocab_size, t, layers=0)
+        self.fusion = FusionEncoder(dataclasses.replace(t, fusion_layers=t.text_layers + t.fusion_layers),
+                                    context_width=cfg.vision.width)
+
+    def encode_text(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The token embeddings (B,L,Wt) that `fuse` and `unimodal` run the stack over."""
+        return self.text(ids, mask)
+
+    def unimodal(self, text_hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """E_l: the stack over the embeddings with every cross-attention skipped (its weights never read): (B,L,Wt)."""
+        return self.fusion(text_hidden, mask)
