@@ -48,6 +48,7 @@ from vlpt.tasks import retrieval  # noqa: E402
 CODIS = "pretrain/codis_tiny.yaml"
 MASKVLM = "pretrain/maskvlm_tiny.yaml"
 CBVILA = "pretrain/cbvila_tiny.yaml"
+SIMLA = "pretrain/simla_tiny.yaml"
 # name -> (config, overrides): CODIS Table 4's rows are CODIS with parts switched off; MaskVLM Table 5's (losses) and
 # A.3's (masking both modalities at once) are MaskVLM's; CB-ViLA Table IV's are its losses (ITC kept in every row,
 # as ITM's hard negatives need it; "pixel" includes Eq. 3's codebook terms), plus its estimator and restarts.
@@ -71,6 +72,14 @@ ROWS = {
     "cbvila:straight_through": (CBVILA, ["method.cbvila.estimator=straight_through"]),
     "cbvila:no_restarts": (CBVILA, ["method.cbvila.dead_after=0"]),
     "cbvila:warmup150": (CBVILA, ["method.cbvila.warmup_steps=150"]),
+    # SIMLA Table 1: (a) ITM, (b) +ITC, (c) +MLM, (d) +MIM, (e) +PSL (the preset); then PSL's choices
+    "simla:itm": (SIMLA, ["method.losses=[itm]"]),
+    "simla:itm+itc": (SIMLA, ["method.losses=[itm,itc]"]),
+    "simla:itm+itc+mlm": (SIMLA, ["method.losses=[itm,itc,mlm]"]),
+    "simla:itm+itc+mlm+mim": (SIMLA, ["method.losses=[itm,itc,mlm,mim]"]),
+    "simla": (SIMLA, []),
+    "simla:psl-student": (SIMLA, ["method.simla.psl.attention=student"]),
+    "simla:psl-mean": (SIMLA, ["method.simla.psl.heads=mean"]),
 }
 ALBEF = "pretrain/albef_tiny.yaml"
 # Why the tiny fusion encoder learns no ITM (issue 13): ALBEF with one thing changed each.

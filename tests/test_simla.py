@@ -350,3 +350,35 @@ def test_simla_trains_lowers_its_loss_and_serves_retrieval_and_gradcam(shapes_da
     cams = gradcam(model, model.backbone.encode_image(image), model.backbone.encode_text(ids, mask), mask,
                    model.grounding_layer())
     assert cams.shape == (1, ids.shape[1], 4, 4) and math.isfinite(cams.sum().item())
+
+
+def test_visualize_pseudo_labels_draws_keywords_from_the_caption(shapes_data, tmp_path, capsys):
+    from vlpt.cli import main
+    from vlpt.engine.checkpoint import load_method
+    from vlpt.pretrain import pretrain as train
+    from vlpt.viz.pseudo_labels import pseudo_label_rows
+
+    out = tmp_path / "run"
+    train(load_config(PRESET, [*SMALL, f"data.root={shapes_data}", f"train.out={out}", "train.steps=1"]))
+    main(["visualize", "pseudo-labels", "--checkpoint", str(out), "--out", str(tmp_path / "pl.png"), "--n", "3",
+          "--device", "cpu"])
+    assert (tmp_path / "pl.png").stat().st_size > 0 and "keywords" in capsys.readouterr().out
+    model, cfg, tokenizer = load_method(out)
+    captions = ["a small red circle at the top", "a blue square"]
+    rows = pseudo_label_rows(model, tokenizer, torch.randn(2, 3, 32, 32), captions, cfg.model.text.max_len)
+    for row, caption in zip(rows, captions):
+        assert 1 <= len(row["keywords"]) <= 4 and all(w in caption.split() for w in row["keywords"])
+        assert len(row["predicted"]) == 5 and not {"[CLS]", "[SEP]", "[PAD]"} & {w for w, _ in row["predicted"]}
+
+
+def test_compare_methods_runs_table1_rows(shapes_data, tmp_path, capsys):
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import compare_methods
+    assert [r for r in compare_methods.ROWS if r.startswith("simla")][:5] == [
+        "simla:itm", "simla:itm+itc", "simla:itm+itc+mlm", "simla:itm+itc+mlm+mim", "simla"]
+    compare_methods.main(["--data", str(shapes_data), "--rows", "simla:itm", "simla", "--steps", "2",
+                          "--device", "cpu", "--out", str(tmp_path), *SMALL])
+    out = capsys.readouterr().out
+    assert "| simla:itm |" in out and "| simla |" in out
