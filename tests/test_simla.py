@@ -382,3 +382,30 @@ def test_compare_methods_runs_table1_rows(shapes_data, tmp_path, capsys):
                           "--device", "cpu", "--out", str(tmp_path), *SMALL])
     out = capsys.readouterr().out
     assert "| simla:itm |" in out and "| simla |" in out
+
+
+def test_tokenizer_train_image_writes_a_codebook_the_preset_reads(shapes_data, tmp_path, capsys):
+    from vlpt.cli import main
+    path = tmp_path / "tok.safetensors"
+    main(["tokenizer", "train-image", "--images", str(shapes_data / "pretrain.json"), "--out", str(path),
+          "--codes", "16", "--patch", "8", "--image-size", "32", "--iterations", "5"])
+    assert "16 codes" in capsys.readouterr().out
+    model, _ = _simla(f"method.simla.tokens.path={path}")
+    tokens = model.visual_tokens(torch.randn(2, 3, 32, 32))
+    assert tokens.shape == (2, 16) and bool(model.visual_tokens.kmeans.fitted)
+    saved = PatchKMeans(16, 8)
+    saved.load(path)
+    assert torch.equal(model.visual_tokens.kmeans.codebook, saved.codebook)
+
+
+def test_two_ddp_ranks_equal_one_process(shapes_data, tmp_path):
+    """2 ranks of 4 = 1 process of 8: the k-means tokenizer fitted on the gathered first batch, BEiT masks drawn for
+    the global batch and sliced, MIM's masked-token count averaged over ranks, PSL per rank: every loss, the weights."""
+    from test_parallel import STEPS, assert_same_training, torchrun
+    from vlpt.pretrain import pretrain as train
+    extra = [*STEPS, "method.simla.mim_min_block=1", "method.simla.tokens.codes=16"]
+    reference = train(load_config(PRESET, [*TINY, f"data.root={shapes_data}", f"train.out={tmp_path / 'one'}",
+                                           *extra]))
+    torchrun(shapes_data, tmp_path / "two", *extra, "data.batch_size=4", preset=PRESET)
+    assert_same_training(reference, tmp_path / "two", [1, 2, 3, 4], atol=1e-5,
+                         losses=("itc", "itm", "mlm", "mim", "psl"))

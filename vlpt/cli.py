@@ -27,6 +27,14 @@ def cmd_synth(args) -> None:
     print(f"wrote {out}")
 
 
+def cmd_train_image_tokenizer(args) -> None:
+    from vlpt.models.visual_tokens import train_from_images
+    out, n = train_from_images(args.images, args.out, codes=args.codes, patch=args.patch, image_size=args.image_size,
+                               iterations=args.iterations, seed=args.seed, limit=args.limit)
+    print(f"wrote {out}: {args.codes} codes over the {args.patch} px patches of {n} images "
+          f"(method.simla.tokens: {{source: kmeans, path: {out}, codes: {args.codes}}})")
+
+
 def cmd_shard(args) -> None:
     from vlpt.data.shards import write_shards
     try:
@@ -206,6 +214,19 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--skip-bad", action="store_true",
                    help="leave out (and count) records whose image cannot be read instead of failing (data.skip_bad)")
     s.set_defaults(func=cmd_shard)
+
+    tok = sub.add_parser("tokenizer", help="tokenizers").add_subparsers(dest="tokenizer_command", required=True)
+    s = tok.add_parser("train-image", help="a discrete image tokenizer (k-means of patch pixels) for masked image "
+                                           "modelling targets (SIMLA's method.simla.tokens)")
+    s.add_argument("--images", required=True, help="image folder, or a JSON annotation file whose records name images")
+    s.add_argument("--out", required=True, help="tokenizer file to write (.safetensors)")
+    s.add_argument("--codes", type=int, default=256, help="codes K")
+    s.add_argument("--patch", type=int, default=16, help="patch size in pixels (model.vision.patch_size)")
+    s.add_argument("--image-size", type=int, default=64, help="images resized to this (model.vision.image_size)")
+    s.add_argument("--iterations", type=int, default=20, help="k-means iterations")
+    s.add_argument("--limit", type=int, default=0, help="use at most this many images (0: all)")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=cmd_train_image_tokenizer)
 
     s = sub.add_parser("pretrain", help="pretrain a method; key=value arguments override the config")
     s.add_argument("--config", required=True, help="YAML file (path, or relative to configs/)")

@@ -19,6 +19,16 @@ def find_config(name: str) -> Path:
     return find(name)
 
 
+def task_preset(task: str, method: str) -> Path:
+    """The task's tiny preset for `method`: finetune/<task>_<method>_tiny.yaml where one is shipped (SIMLA's
+    grounding layer), else finetune/<task>_tiny.yaml."""
+    from vlpt.errors import MissingFileError
+    try:
+        return find_config(f"finetune/{task}_{method}_tiny.yaml")
+    except MissingFileError:
+        return find_config(f"finetune/{task}_tiny.yaml")
+
+
 def row(stage: str, seconds: float, metric: str = "", value=None, baseline: str = "", baseline_value=None) -> dict:
     rounded = [None if v is None else round(float(v), 2) for v in (value, baseline_value)]
     return {"stage": stage, "metric": metric, "value": rounded[0], "baseline": baseline,
@@ -68,7 +78,7 @@ def run(method: str, data: Path, out: Path, overrides: list[str] = (), tasks=FIN
                 ta = pretrain_config(find_config("finetune/nlvr_ta_tiny.yaml"),
                                      [*overrides, f"train.init={pre}", f"data.root={data}", f"train.out={source}"])
                 rows.append(row("NLVR2 text assignment", timed(lambda: pretrain(ta))[1]))
-        ft = finetune_config(find_config(f"finetune/{task}_tiny.yaml"),
+        ft = finetune_config(task_preset(task, method),
                              [*overrides, f"task.checkpoint={source}", f"data.root={data}", f"train.out={out / task}",
                               *extra])
         m, s = timed(lambda: json.loads((finetune(ft) / "metrics.json").read_text()))

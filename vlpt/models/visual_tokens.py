@@ -266,3 +266,42 @@ class VisualTokens(nn.Module):
         images = distributed.gather(image.float())
         gen = rng.generator("image_tokenizer", self.seed, 0, device=image.device)
         self.kmeans.fit(patchify(images, self.kmeans.patch).flatten(0, 1), generator=gen)
+
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+
+def image_paths(source: str | Path, limit: int = 0) -> list[Path]:
+    """The images of a folder (recursively, sorted) or of a JSON annotation file's records (`image`, or `images`
+    pairs), at most `limit` (0: all)."""
+    import json
+    source = Path(source)
+    if source.is_dir():
+        paths = sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    elif source.is_file():
+        records = json.loads(source.read_text())
+        names = [n for r in records for n in ([r["image"]] if "image" in r else r.get("images", []))]
+        paths = [source.parent / n for n in dict.fromkeys(names)]
+    else:
+        raise MissingFileError(f"no image folder or annotation file at {source}")
+    if not paths:
+        raise VlptError(f"{source} holds no images")
+    return paths[:limit] if limit else paths
+
+
+def train_from_images(source: str | Path, out: str | Path, *, codes: int, patch: int, image_size: int,
+                      iterations: int = 20, seed: int = 0, limit: int = 0, batch_size: int = 256,
+                      num_workers: int = 0) -> tuple[Path, int]:
+    """`vlpt tokenizer train-image`: a `PatchKMeans` of `codes` over the `patch` px patches of the images of `source`
+    resized to `image_size` and normalised as models see them, written to `out` (safetensors). Returns the file and
+    the number of images."""
+    from torch.utils.data import DataLoader
+
+    from vlpt.data.loader import ImageFiles
+    from vlpt.data.transforms import image_transform
+    if image_size % patch:
+        raise VlptError(f"--patch {patch} does not divide --image-size {image_size}")
+    paths = image_paths(source, limit)
+    loader = DataLoader(ImageFiles(paths, image_transform(image_size)), batch_size=batch_size, num_workers=num_workers)
+    tokenizer = train_image_tokenizer(loader, codes, patch, iterations, seed)
+    return tokenizer.save(out), len(paths)
