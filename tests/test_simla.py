@@ -361,7 +361,7 @@ def test_visualize_pseudo_labels_draws_keywords_from_the_caption(shapes_data, tm
     out = tmp_path / "run"
     train(load_config(PRESET, [*SMALL, f"data.root={shapes_data}", f"train.out={out}", "train.steps=1"]))
     main(["visualize", "pseudo-labels", "--checkpoint", str(out), "--out", str(tmp_path / "pl.png"), "--n", "3",
-          "--device", "cpu"])
+          "--device", "cpu", "--gradcam"])
     assert (tmp_path / "pl.png").stat().st_size > 0 and "keywords" in capsys.readouterr().out
     model, cfg, tokenizer = load_method(out)
     captions = ["a small red circle at the top", "a blue square"]
@@ -369,6 +369,10 @@ def test_visualize_pseudo_labels_draws_keywords_from_the_caption(shapes_data, tm
     for row, caption in zip(rows, captions):
         assert 1 <= len(row["keywords"]) <= 4 and all(w in caption.split() for w in row["keywords"])
         assert len(row["predicted"]) == 5 and not {"[CLS]", "[SEP]", "[PAD]"} & {w for w, _ in row["predicted"]}
+    from vlpt.viz.pseudo_labels import concept_gradcam
+    cams = concept_gradcam(model, torch.randn(2, 3, 32, 32), torch.tensor([rows[0]["predicted_ids"][0]] * 2))
+    assert cams.shape == (2, 4, 4) and (cams >= 0).all() and cams.amax() <= 1 + 1e-6
+    assert all(p.grad is None for p in model.parameters())  # the map takes the input's gradient only
 
 
 def test_compare_methods_runs_table1_rows(shapes_data, tmp_path, capsys):
@@ -409,3 +413,19 @@ def test_two_ddp_ranks_equal_one_process(shapes_data, tmp_path):
     torchrun(shapes_data, tmp_path / "two", *extra, "data.batch_size=4", preset=PRESET)
     assert_same_training(reference, tmp_path / "two", [1, 2, 3, 4], atol=1e-5,
                          losses=("itc", "itm", "mlm", "mim", "psl"))
+
+
+def test_base_preset_has_the_papers_settings():
+    # SIMLA Sec. 2.5: 256 px crops + RandAugment without colour ops, batch 512, 30 epochs of the 4M (5.1M) pairs, AdamW
+    # wd 0.02, lr 1e-4 cosine to 1e-5, momentum 0.995, queue 65,536, alpha 0 -> 0.4 over the first epoch; a 12-layer
+    # stack on ViT-B/16; BEiT's 40 % masking, DALL-E's 8,192 visual tokens; PSL k = 4 (appendix 3)
+    cfg = load_config("configs/pretrain/simla_base.yaml", [])
+    v, t, m, o = cfg.model.vision, cfg.model.text, cfg.method, cfg.optim
+    assert (v.image_size, v.patch_size, v.width, v.depth) == (256, 16, 768, 12) and cfg.data.augment
+    assert t.text_layers + t.fusion_layers == 12 and t.width == 768
+    assert cfg.data.batch_size * 8 == 512 and abs(cfg.train.steps - 30 * 9960) < 9960 / 4
+    assert (o.lr, o.min_lr, o.weight_decay) == (1e-4, 1e-5, 0.02)
+    assert (m.momentum, m.queue_size, m.alpha, m.alpha_warmup_steps) == (0.995, 65536, 0.4, 9960)
+    assert m.losses == ["itc", "itm", "mlm", "mim", "psl"] and m.loss_weights == {}
+    s = m.simla
+    assert (s.mim_ratio, s.mim_min_block, s.tokens.source, s.tokens.codes, s.psl.k) == (0.4, 16, "dvae", 8192, 4)
