@@ -98,6 +98,8 @@ def test_grounding_finetunes_and_reports_its_baselines_and_a_proposals_file_is_r
     message = cli_error(["evaluate", "grounding", "--checkpoint", str(out), "--data", str(data), "--proposals",
                          "missing.json"], capsys)
     assert "proposals file not found" in message and "[[x, y, w, h]" in message
+    message = cli_error(["evaluate", "grounding", "--checkpoint", str(out), "--data", str(data), "--layer", "7"], capsys)
+    assert "fusion layer 7" in message and "has 1 layers" in message
 
 
 def test_visualize_gradcam_writes_a_png_and_refuses_bad_input_in_one_line(pretrained, shapes_data, tmp_path, capsys):

@@ -79,9 +79,6 @@ class GradCAM(Visualization):
 
         if not args.text.strip():
             raise VlptError("--text is empty: give the words to locate")
-        layers = len(model.backbone.fusion.layers)
-        if not -layers <= args.layer < layers:
-            raise VlptError(f"--layer {args.layer}: the fusion encoder has {layers} layers (0..{layers - 1}, or -1)")
         picture = load_image(args.image)
         pixels = image_transform(cfg.model.vision.image_size)(picture)[None].to(device)
         ids, mask = tokenizer([args.text], cfg.model.text.max_len)

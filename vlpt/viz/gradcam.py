@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vlpt.errors import VlptError
 from vlpt.models.text import capture_attention
 
 
@@ -17,6 +18,10 @@ def gradcam(method, image_tokens: torch.Tensor, text_hidden: torch.Tensor, text_
             layer: int = -1) -> torch.Tensor:
     """(B,L,g,g) maps over the g x g patch grid for every text token (0 at padding), from the cross-attention of
     fusion layer `layer` (Python indexing: -1 the last; ALBEF's 3rd of 6 is 2)."""
+    layers = len(method.backbone.fusion.layers)
+    if not -layers <= layer < layers:
+        raise VlptError(f"fusion layer {layer} (task.layer, --layer): the fusion encoder has {layers} layers "
+                        f"(0..{layers - 1}, or -1 for the last)")
     attention = method.backbone.fusion.layers[layer].cross
     with torch.enable_grad(), capture_attention(attention):
         logit = method.itm_logits(image_tokens, text_hidden, text_mask)[:, 1]
