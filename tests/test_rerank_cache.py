@@ -169,10 +169,17 @@ def test_no_pass_computes_padding_beyond_its_longest_text(name):
     retrieval.rerank(model, enc, sim, 3, 6, False)
     assert widths and all(width == longest for width, longest, _ in widths)
     assert max(width for width, _, _ in widths) < MAX_LEN       # the full padded width is never computed
-    assert sum(rows for _, _, rows in widths) == IMAGES * 3 + TEXTS * 3
-    # Queries go in order of their longest text: the widths of the text->image passes rise.
-    t2i = [width for width, _, _ in widths[-math.ceil(TEXTS / 2):]]
-    assert t2i == sorted(t2i)
+    # Every distinct pair once: a text's candidate image that had the text among its candidates is not rescored.
+    i2t = {(i, int(t)) for i, row in enumerate(sim.topk(3, dim=1).indices) for t in row}
+    t2i = {(int(i), t) for t, row in enumerate(sim.t().topk(3, dim=1).indices) for i in row}
+    assert len(i2t & t2i) > 0
+    rows = [rows for _, _, rows in widths]
+    assert sum(rows) == len(i2t | t2i)
+    # Queries go in order of their longest text: the widths of the text->image passes (after the first 3 x IMAGES
+    # rows, the image->text passes) rise.
+    first_t2i = next(i for i in range(len(rows) + 1) if sum(rows[:i]) == IMAGES * 3)
+    t2i_widths = [width for width, _, _ in widths[first_t2i:]]
+    assert t2i_widths == sorted(t2i_widths)
 
 
 def test_text_lengths_are_one_past_the_last_real_token():

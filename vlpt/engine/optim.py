@@ -62,8 +62,9 @@ def build_optimizer(model: torch.nn.Module, cfg: Config, device: torch.device):
     """AdamW over `parameter_groups` and its LambdaLR schedule."""
     o = cfg.optim
     groups = parameter_groups(model, cfg)
+    # Fused: one pass over each parameter's state (on the CPU 4-5x faster than the per-op foreach update, issue 19).
     optimizer = torch.optim.AdamW([{k: v for k, v in g.items() if k != "floor"} for g in groups], lr=o.lr,
-                                  betas=tuple(o.betas), fused=device.type == "cuda")
+                                  betas=tuple(o.betas), fused=device.type in ("cuda", "cpu"))
     warm_start = o.warmup_lr / o.lr
     lambdas = [lambda step, floor=g["floor"]: lr_factor(step, o.warmup_steps, cfg.train.steps, warm_start, floor)
                for g in groups]

@@ -30,6 +30,8 @@ class DualStream(nn.Module):
     """ALBEF Sec. 3.1: a ViT, a BERT text encoder (the first `text_layers`) and a fusion encoder (the next
     `fusion_layers`, with cross-attention to the image tokens)."""
 
+    reads_image_tokens_with_kv = False  # whether joint_feature reads the image tokens even when given image_kv
+
     def __init__(self, cfg: ModelConfig, vocab_size: int, mask_token: bool = False):
         super().__init__()
         self.cfg = cfg
@@ -43,10 +45,16 @@ class DualStream(nn.Module):
     def encode_text(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return self.text(ids, mask)
 
-    def fuse(self, image_tokens, text_hidden, text_mask, image_kv=None) -> torch.Tensor:
+    def fuse(self, image_tokens, text_hidden, text_mask, image_kv=None, self_attended: bool = False) -> torch.Tensor:
         """Text states attend to themselves and to the image tokens: (B,L,Wt). `image_kv`: `image_kv(image_tokens)`
-        in their place (its rows one per text, or one per group of consecutive texts: `text.Attention.forward`)."""
-        return self.fusion(text_hidden, text_mask, image_tokens, context_kv=image_kv)
+        in their place (its rows one per text, or one per group of consecutive texts: `text.Attention.forward`).
+        `self_attended`: `text_hidden` is `self_attend(text_hidden, text_mask)` already."""
+        return self.fusion(text_hidden, text_mask, image_tokens, context_kv=image_kv, self_attended=self_attended)
+
+    def self_attend(self, text_hidden, text_mask) -> torch.Tensor:
+        """The fusion's first self-attention of text states: it reads no image, so reranking computes it once per
+        text for all its pairs and passes `self_attended=True` to `fuse` / `joint_feature`."""
+        return self.fusion.self_attend(text_hidden, text_mask)
 
     def image_kv(self, image_tokens) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Each fusion layer's cross-attention keys and values of the image tokens (B,1+N,Wv): (B,heads,1+N,d)."""
@@ -55,9 +63,15 @@ class DualStream(nn.Module):
     def context_kv(self, image_tokens=None, text_hidden=None) -> dict[str, list]:
         return {} if image_tokens is None else {"image_kv": self.image_kv(image_tokens)}
 
-    def joint_feature(self, image_tokens, text_hidden, text_mask, image_kv=None) -> torch.Tensor:
-        """The pooled fused states ([CLS] in ALBEF); with `image_kv` the image tokens are not read (may be None)."""
-        return self.pool(self.fuse(image_tokens, text_hidden, text_mask, image_kv), text_mask)
+    def joint_feature(self, image_tokens, text_hidden, text_mask, image_kv=None,
+                      self_attended: bool = False) -> torch.Tensor:
+        """The pooled fused states ([CLS] in ALBEF); with `image_kv` the image tokens are not read (may be None).
+        [CLS] pooling computes the last fusion layer for [CLS] alone (`FusionEncoder.forward(first=1)`).
+        `self_attended`: as `fuse`'s."""
+        if self.cfg.text.pool == "cls":
+            return self.fusion(text_hidden, text_mask, image_tokens, context_kv=image_kv, first=1,
+                               self_attended=self_attended)[:, 0]
+        return self.pool(self.fuse(image_tokens, text_hidden, text_mask, image_kv, self_attended), text_mask)
 
     def pool(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """(B,L,W) -> (B,W): the [CLS] state, or the mean over unpadded tokens (`model.text.pool`)."""
@@ -83,6 +97,8 @@ class CrossPair(DualStream):
     cross-modality encoder `image_fusion` (g_im: image tokens attending to themselves and to the text), as
     `image_layers` post-norm BERT layers at the ViT's width; the ViT owns a mask token for masked images."""
 
+    reads_image_tokens_with_kv = True  # they are the image cross-encoder's queries
+
     def __init__(self, cfg: ModelConfig, vocab_size: int, image_layers: int):
         super().__init__(cfg, vocab_size, mask_token=True)
         v, t = cfg.vision, cfg.text
@@ -104,12 +120,17 @@ class CrossPair(DualStream):
         return {**super().context_kv(image_tokens),
                 **({} if text_hidden is None else {"text_kv": self.text_kv(text_hidden)})}
 
-    def joint_feature(self, image_tokens, text_hidden, text_mask, image_kv=None, text_kv=None) -> torch.Tensor:
+    def joint_feature(self, image_tokens, text_hidden, text_mask, image_kv=None, text_kv=None,
+                      self_attended: bool = False) -> torch.Tensor:
         """MaskVLM Eq. 3: z_im^cross * z_txt^cross, the image cross-encoder's [CLS] times the pooled text
-        cross-encoder output. The image tokens are the image cross-encoder's queries: read even with `image_kv`."""
-        image_cls = self.fuse_image(image_tokens, text_hidden, text_mask, text_kv)[:, 0]
-        fused = self.fuse(image_tokens, text_hidden, text_mask, image_kv)
-        return self.itm_image_proj(image_cls) * self.pool(fused, text_mask)
+        cross-encoder output. The image tokens are the image cross-encoder's queries: read even with `image_kv`.
+        `self_attended` (`text_hidden` is the text fusion's first self-attention of the text states) needs `text_kv`:
+        the image cross-encoder attends to the text states themselves."""
+        if self_attended and text_kv is None:
+            raise ValueError("self_attended text states need text_kv (the image cross-encoder reads the text states)")
+        image_cls = self.image_fusion(image_tokens, None, text_hidden, text_mask, context_kv=text_kv, first=1)[:, 0]
+        text = super().joint_feature(image_tokens, text_hidden, text_mask, image_kv, self_attended)
+        return self.itm_image_proj(image_cls) * text
 
     def encoders(self) -> list[nn.Module]:
         return [*super().encoders(), self.image_fusion]

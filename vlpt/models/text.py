@@ -135,9 +135,21 @@ class Layer(nn.Module):
         self.norm = nn.LayerNorm(cfg.width, eps=1e-12)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, mask=None, context=None, context_mask=None, causal=False, context_kv=None):
-        """`context_kv`: the cross-attention's keys and values of the context (`cross.project_kv`) in its place."""
-        x = self.attention(x, mask=mask, causal=causal)
+    def forward(self, x, mask=None, context=None, context_mask=None, causal=False, context_kv=None,
+                first: int | None = None, self_attended: bool = False):
+        """`context_kv`: the cross-attention's keys and values of the context (`cross.project_kv`) in its place.
+        `first`: only the first `first` positions are computed and returned (B,first,W): their queries attend to
+        every token's keys and values, as in the whole layer, and the rest of the layer runs on them alone.
+        `self_attended`: x is already `self.attention`'s output (it depends on x alone: computed once per text, it
+        serves every pair of that text)."""
+        if self_attended:
+            x = x if first is None else x[:, :first]
+        elif first is not None:
+            if causal:
+                raise ValueError("first= serves a non-causal layer only")
+            x = self.attention(x[:, :first], context=x, mask=mask)
+        else:
+            x = self.attention(x, mask=mask, causal=causal)
         if self.cross is not None and (context is not None or context_kv is not None):
             x = self.cross(x, context, context_mask, kv=context_kv)
         return self.feed_forward(x)
@@ -211,13 +223,29 @@ class FusionEncoder(nn.Module):
         context does not change from layer to layer, so these serve any number of queries attending to it."""
         return [layer.cross.project_kv(context) for layer in self.layers]
 
-    def forward(self, x, mask, context=None, context_mask=None, causal: bool = False, context_kv=None):
+    def self_attend(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The first layer's self-attention of x (B,L,W): it reads no context, so one computation per text serves
+        all its pairs (`forward(self_attended=True)`)."""
+        return self.layers[0].attention(x, mask=mask)
+
+    def forward(self, x, mask, context=None, context_mask=None, causal: bool = False, context_kv=None,
+                first: int | None = None, self_attended: bool = False):
         """`context_kv`: `context_kv(context)` in place of `context` (its rows selected or grouped, see
-        `Attention.forward`)."""
+        `Attention.forward`). `first`: only the first `first` positions of the output are wanted, (B,first,W): the
+        last layer computes just those (`Layer.forward`), the same values as the whole pass's; [CLS] pooling reads
+        one. Unless an attention of the last layer captures its probabilities (Grad-CAM keeps every token's).
+        `self_attended`: x is `self_attend(x, mask)` already (not with a capturing first self-attention)."""
+        if self_attended and self.layers and self.layers[0].attention.capture:
+            raise ValueError("self_attended states bypass the first self-attention, which is capturing")
         for i, layer in enumerate(self.layers):
             kv = None if context_kv is None else context_kv[i]
-            x = run_layer(layer, self.grad_checkpointing, x, mask, context, context_mask, causal=causal, context_kv=kv)
-        return x
+            cut = None
+            if first is not None and i == len(self.layers) - 1 and not any(
+                    isinstance(m, Attention) and m.capture for m in layer.modules()):
+                cut = first
+            x = run_layer(layer, self.grad_checkpointing, x, mask, context, context_mask, causal=causal, context_kv=kv,
+                          first=cut, self_attended=self_attended and i == 0)
+        return x if first is None else x[:, :first]
 
 
 class MLMHead(nn.Module):

@@ -89,6 +89,7 @@ def cache_fits(model) -> bool:
 
 
 CACHE_BYTES = 1 << 30
+SELF_ATTEND_CHUNK = 1024  # texts per pass of the fusion's first self-attention (computed once per text)
 """Most bytes of candidates' keys and values `cached_match_scores` holds at once; beyond it, chunks of candidates."""
 
 
@@ -112,6 +113,20 @@ def _take(kv: dict, rows: torch.Tensor, length: int | None = None) -> dict:
     return out
 
 
+def whole_groups(query: torch.Tensor, batch_size: int) -> list[tuple[int, int]]:
+    """Passes (start, end) over rows whose equal `query` values are consecutive: whole groups, as many as fit in
+    `batch_size` rows (one group alone where it is larger), so that no query's keys and values are projected twice."""
+    n = len(query)
+    ends = (torch.nonzero(query[1:] != query[:-1]).flatten() + 1).tolist() + [n]
+    passes, start, last = [], 0, 0
+    for end in ends:
+        if end - start > batch_size and last > start:
+            passes.append((start, last))
+            start = last
+        last = end
+    return passes + ([(start, n)] if n > start else [])
+
+
 @torch.no_grad()
 def cached_match_scores(model, enc: dict, image_idx: torch.Tensor, text_idx: torch.Tensor, batch_size: int,
                         query: str = "image", progress: bool = False, cache_bytes: int = CACHE_BYTES) -> torch.Tensor:
@@ -123,7 +138,9 @@ def cached_match_scores(model, enc: dict, image_idx: torch.Tensor, text_idx: tor
     serve all their candidates (one per query, its candidates' queries folded together: `text.Attention.forward`);
     the candidates' (the other modality) come from a cache of every candidate projected once, gathered per pair,
     in chunks of at most `cache_bytes` (pairs regrouped by chunk). Queries go in order of their longest text so
-    that a pass holds texts of similar length, and each pass's texts are cut to its longest real one.
+    that a pass holds texts of similar length, and each pass's texts are cut to its longest real one. The fusion's
+    first self-attention, which reads no image, runs once per text (`backbone.self_attend`), and with [CLS] pooling
+    the last fusion layer runs for [CLS] alone (`FusionEncoder.forward(first=1)`).
     """
     if query not in ("image", "text"):
         raise ValueError(f"query must be 'image' or 'text', got {query!r}")
@@ -144,6 +161,14 @@ def cached_match_scores(model, enc: dict, image_idx: torch.Tensor, text_idx: tor
             return backbone.context_kv(text_hidden=enc["text_hidden"][rows])
         return backbone.context_kv(image_tokens=enc["image_tokens"][rows])
 
+    # The fusion's first self-attention reads the text alone: once per text, for all of its pairs.
+    fusion_text, extra = enc["text_hidden"], {}
+    if hasattr(backbone, "self_attend"):
+        n_texts = len(enc["text_hidden"])
+        fusion_text = torch.cat([backbone.self_attend(enc["text_hidden"][s:s + SELF_ATTEND_CHUNK],
+                                                      enc["text_mask"][s:s + SELF_ATTEND_CHUNK])
+                                 for s in range(0, n_texts, SELF_ATTEND_CHUNK)]) if n_texts else fusion_text
+        extra = {"self_attended": True}
     n_candidates = len(enc["text_hidden"] if query == "image" else enc["image_tokens"])
     one = _row_bytes(candidate_kv(c_idx[:0]))                          # sized on no candidate: nothing projected
     chunk = n_candidates if one == 0 else max(1, min(n_candidates, cache_bytes // one))
@@ -151,18 +176,16 @@ def cached_match_scores(model, enc: dict, image_idx: torch.Tensor, text_idx: tor
     order = torch.argsort(longest[group], stable=True)
     order = order[torch.argsort(c_idx[order] // chunk, stable=True)]
     scores = torch.empty(n, device=device)
-    per_query = int(torch.bincount(group).max())
-    rows_per_pass = max(batch_size // per_query, 1) * per_query
     for first in tqdm(range(0, n_candidates, chunk), desc="rerank", disable=None if progress else True, leave=False):
         in_chunk = order[(c_idx[order] >= first) & (c_idx[order] < first + chunk)]
         if not len(in_chunk):
             continue
         cache = candidate_kv(torch.arange(first, min(first + chunk, n_candidates), device=device)) if one else {}
-        for s in range(0, len(in_chunk), rows_per_pass):
-            rows = in_chunk[s:s + rows_per_pass]
+        for s, e in whole_groups(q_idx[in_chunk], batch_size):
+            rows = in_chunk[s:e]
             img, txt = image_idx[rows], text_idx[rows]
             length = int(lengths[txt].max())
-            hidden, mask = enc["text_hidden"][txt, :length], enc["text_mask"][txt, :length]
+            hidden, mask = fusion_text[txt, :length], enc["text_mask"][txt, :length]
             queries, counts = torch.unique_consecutive(q_idx[rows], return_counts=True)
             if query == "image":
                 kv = backbone.context_kv(image_tokens=enc["image_tokens"][queries])
@@ -171,9 +194,26 @@ def cached_match_scores(model, enc: dict, image_idx: torch.Tensor, text_idx: tor
             if not bool((counts == counts[0]).all()):                    # groups split by a chunk: one row per pair
                 kv = _take(kv, torch.repeat_interleave(torch.arange(len(queries), device=device), counts))
             kv.update(_take(cache, c_idx[rows] - first, length))
-            scores[rows] = model.itm_logits(enc["image_tokens"][img], hidden, mask, **kv)[:, 1].float()
+            tokens = enc["image_tokens"][img] if getattr(backbone, "reads_image_tokens_with_kv", True) else None
+            scores[rows] = model.itm_logits(tokens, hidden, mask, **kv, **extra)[:, 1].float()
         del cache
     return scores
+
+
+def pair_index(image_idx: torch.Tensor, text_idx: torch.Tensor, n_texts: int) -> torch.Tensor:
+    """One integer per (image, text) pair."""
+    return image_idx * n_texts + text_idx
+
+
+def find_pairs(keys: torch.Tensor, values: torch.Tensor, image_idx: torch.Tensor, text_idx: torch.Tensor,
+               n_texts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which of the pairs (image_idx[i], text_idx[i]) are among `keys` (`pair_index` of pairs scored before), and
+    those pairs' `values`: (found (N,) bool, values[found])."""
+    order = torch.argsort(keys)
+    sorted_keys, wanted = keys[order], pair_index(image_idx, text_idx, n_texts)
+    at = torch.searchsorted(sorted_keys, wanted).clamp(max=max(len(keys) - 1, 0))
+    found = sorted_keys[at] == wanted if len(keys) else torch.zeros_like(wanted, dtype=torch.bool)
+    return found, values[order[at[found]]]
 
 
 @torch.no_grad()
@@ -183,22 +223,29 @@ def rerank(model, enc: dict, sim: torch.Tensor, k: int, batch_size: int, progres
 
     `sim` (I,T) are ITC logits (similarity / temperature). Returns score matrices (I,T) and (T,I): for reranked
     candidates the ITM match logit (ALBEF) plus `itc_weight` times the ITC logit, -100 elsewhere. `cache`:
-    `cached_match_scores` (default where `cache_fits`), or False for the plain path (every pair's fusion from the
-    tokens, at the full text width).
+    `cached_match_scores` (default where `cache_fits`), which also scores a pair that is among both an image's and a
+    text's candidates once; or False for the plain path (every pair's fusion from the tokens, at the full text width,
+    in each direction).
     """
     if cache is None:
         cache = cache_fits(model)
     elif cache and not cache_fits(model):
         raise ValueError(f"{type(model).__name__}'s ITM does not take cached keys and values (see cache_fits)")
-    out = []
+    out, scored = [], None
     for scores, queries_are_images in ((sim, True), (sim.t(), False)):
         top = scores.topk(min(k, scores.shape[1]), dim=1).indices           # (Q,k)
         query = torch.arange(len(scores), device=sim.device)[:, None].expand_as(top).reshape(-1)
         cand = top.reshape(-1)
         image_idx, text_idx = (query, cand) if queries_are_images else (cand, query)
-        if cache:
-            itm = cached_match_scores(model, enc, image_idx, text_idx, batch_size,
-                                      "image" if queries_are_images else "text", progress)
+        if cache and scored is None:
+            itm = cached_match_scores(model, enc, image_idx, text_idx, batch_size, "image", progress)
+            scored = pair_index(image_idx, text_idx, sim.shape[1]), itm
+        elif cache:  # a text's candidate images already scored as that image's candidates reuse the score
+            itm = torch.empty(len(cand), device=sim.device)
+            found, at = find_pairs(*scored, image_idx, text_idx, sim.shape[1])
+            itm[found] = at
+            rest = ~found
+            itm[rest] = cached_match_scores(model, enc, image_idx[rest], text_idx[rest], batch_size, "text", progress)
         else:
             itm = torch.cat([_match_scores(model, enc, image_idx[s:s + batch_size], text_idx[s:s + batch_size])
                              for s in tqdm(range(0, len(cand), batch_size), desc="rerank",
