@@ -7,7 +7,8 @@ have one (a task's class index); with `mlm`: mlm_ids,
 mlm_labels (B,L; IGNORE where nothing is predicted) and mlm_positions (M,: the masked tokens' indices in the
 flattened text, found on the host so the step need not wait for the device); with `swap`: swap_ids / swap_mask
 (B,L: each caption with two attribute words exchanged, `data/swaps.py`, padded with the text to one width) and
-swap_valid (B,: False where the caption had nothing to swap; its swap_ids repeat the caption).
+swap_valid (B,: False where the caption had nothing to swap; its swap_ids repeat the caption); with `image_view2`:
+image_view2 (B,3,H,W), a second augmented view of each image (the dataset draws it: `loader.PairDataset(view2=...)`).
 With answers in the samples (VQA): answer_ids / answer_mask (A,L: every sample's answers in turn), answer_weight
 (A,: each answer's share of its question's annotators) and answer_owner (A,: the row of its question).
 """
@@ -21,7 +22,7 @@ from vlpt.data.swaps import check_groups, swap_attributes
 from vlpt.data.tokenizer import SPECIALS, Tokenizer
 from vlpt.engine import rng
 
-NEEDS = frozenset({"mlm", "swap"})  # what a method may ask for beyond image, text and image_id
+NEEDS = frozenset({"mlm", "swap", "image_view2"})  # what a method may ask for beyond image, text and image_id
 
 
 def pad_values(pad_id: int) -> dict[str, int]:
@@ -65,6 +66,8 @@ class Collate:
         batch = {"image": torch.stack([s["image"] for s in samples]), "text_ids": ids, "text_mask": mask,
                  "image_id": torch.tensor([s["image_id"] for s in samples]),
                  "skipped": torch.tensor(sum(s["skipped"] for s in samples))}
+        if "image_view2" in self.needs:
+            batch["image_view2"] = torch.stack([s["image_view2"] for s in samples])
         if "label" in samples[0]:
             batch["label"] = torch.tensor([s["label"] for s in samples])
         if "answers" in samples[0]:
@@ -143,6 +146,8 @@ def synthetic_batches(image_size: int, max_len: int, batch_size: int, vocab_size
             batch["mlm_ids"], batch["mlm_labels"] = mask_tokens(ids, mlm_probability, special["[MASK]"], vocab_size,
                                                                 specials, gen)
             batch["mlm_positions"] = masked_positions(batch["mlm_labels"])
+        if "image_view2" in needs:
+            batch["image_view2"] = torch.randn(batch_size, 3, image_size, image_size, generator=gen)
         if pin:
             batch = {k: v.pin_memory() for k, v in batch.items()}
         made.append(batch)

@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader, Dataset
 from vlpt.data.annotations import ImageError, image_ids, load_annotations, load_image
 from vlpt.data.collate import Collate
 from vlpt.data.tokenizer import Tokenizer
-from vlpt.data.transforms import image_transform, transform_seeded
+from vlpt.data.transforms import image_transform, second_view, transform_seeded
 from vlpt.engine import rng
 
 
@@ -25,9 +25,10 @@ class PairDataset(Dataset):
     """
 
     def __init__(self, records: list[dict], root: str | Path, transform, skip_bad: bool = False,
-                 augment_seed: int | None = None):
+                 augment_seed: int | None = None, view2=None, view2_seed: int = 0):
         self.records, self.root, self.transform, self.skip_bad = records, Path(root), transform, skip_bad
         self.augment_seed = augment_seed  # with augmentation: each draw's crop and ops seeded by (seed, draw)
+        self.view2, self.view2_seed = view2, view2_seed  # a transform: `image_view2`, seeded by (seed, draw)
         self.image_ids = image_ids(records)  # string ids ("coco_391895") mapped per file, as `vlpt data shard` does
 
     def __len__(self) -> int:
@@ -56,6 +57,8 @@ class PairDataset(Dataset):
                 pixels = self._transform_all(images)
             sample = {"image": torch.stack(pixels) if "images" in record else pixels[0], "text": caption,
                       "image_id": self.image_ids[i], "draw": draw, "skipped": skipped}
+            if self.view2 is not None:
+                sample["image_view2"] = second_view(self.view2, images[0], self.view2_seed, draw)
             if "label" in record:
                 sample["label"] = record["label"]
             if "answers" in record:  # VQA: the question's distinct answers and their shares of annotators
@@ -105,8 +108,10 @@ class ResumableSampler:
 
 def pair_loader(records: list[dict], root, collate: Collate, *, image_size: int, batch_size: int, seed: int,
                 rank: int = 0, world: int = 1, start: int = 0, num_workers: int = 0, augment: bool = False,
-                skip_bad: bool = False) -> DataLoader:
-    dataset = PairDataset(records, root, image_transform(image_size, augment), skip_bad, seed if augment else None)
+                skip_bad: bool = False, view2: bool = False) -> DataLoader:
+    """`view2`: each sample also has `image_view2`, drawn by the pretraining augmentation (whatever `augment`)."""
+    dataset = PairDataset(records, root, image_transform(image_size, augment), skip_bad, seed if augment else None,
+                          image_transform(image_size, True) if view2 else None, seed)
     sampler = ResumableSampler(len(dataset), batch_size, seed, rank, world, start)
     return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate,
                       pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0,
@@ -149,7 +154,8 @@ def train_loader(cfg, data, tokenizer: Tokenizer, needs=(), rank: int = 0, world
     collate = Collate(tokenizer, cfg.model.text.max_len, needs, cfg.train.seed, world > 1, m.mlm_probability,
                       m.mlm_mask_only, m.itm_swap_words)
     kwargs = dict(image_size=cfg.model.vision.image_size, batch_size=d.batch_size, seed=cfg.train.seed, rank=rank,
-                  world=world, start=start, num_workers=d.num_workers, augment=d.augment)
+                  world=world, start=start, num_workers=d.num_workers, augment=d.augment,
+                  view2="image_view2" in needs)
     if isinstance(data, list):
         return pair_loader(data, d.root, collate, skip_bad=d.skip_bad, **kwargs)
     from vlpt.data.shards import shard_loader

@@ -91,3 +91,19 @@ def mask_image_blocks(batch: int, grid: tuple[int, int], ratio: float, generator
         chosen = rect[torch.arange(batch, device=device), first] & ok.any(1)[:, None, None]
         mask |= chosen
     return mask.flatten(1)
+
+
+def sample_patches(logits: torch.Tensor, ratio: float, generator: torch.Generator | None = None,
+                   noise: torch.Tensor | None = None) -> torch.Tensor:
+    """Exactly round(ratio * N) patches per image drawn without replacement with probabilities softmax(logits)
+    (SemMIM Sec. 3.2.2, text-guided masking): the top k of logits + Gumbel noise (the Gumbel-top-k trick), on the
+    logits' device; all-equal logits draw uniformly (random masking). `noise` (B,N) uniform in (0,1), else drawn
+    from `generator`. Returns a (B,N) bool mask, True = masked."""
+    b, n = logits.shape
+    count = int(round(ratio * n))
+    if noise is None:
+        noise = torch.rand(b, n, generator=generator, device=logits.device)
+    gumbel = -torch.log(-torch.log(noise.clamp(1e-12, 1 - 1e-7)))
+    keys = logits.float().log_softmax(-1) + gumbel
+    mask = torch.zeros(b, n, dtype=torch.bool, device=logits.device)
+    return mask.scatter_(1, keys.topk(count, dim=1).indices, True) if count else mask

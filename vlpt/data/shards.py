@@ -66,7 +66,7 @@ from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_itera
 from vlpt.config import ConfigError
 from vlpt.data.annotations import AnnotationError, ImageError, image_ids, integer_id, load_annotations, load_image
 from vlpt.data.collate import Collate, merge
-from vlpt.data.transforms import image_transform, transform_seeded
+from vlpt.data.transforms import image_transform, second_view, transform_seeded
 from vlpt.engine import rng
 from vlpt.errors import VlptError
 
@@ -424,11 +424,11 @@ class ShardStream(IterableDataset):
 
     def __init__(self, shards: ShardSet, parts: list[tuple[int, int, int]], lanes: int, *, global_batch: int,
                  streams: int, start: int, seed: int, block: int, transform, augment: bool, collate: Collate,
-                 source_ids: bool):
+                 source_ids: bool, view2=None):
         self.shards, self.parts, self.lanes = shards, parts, lanes
         self.global_batch, self.streams = global_batch, streams
         self.start, self.seed, self.block, self.transform, self.augment = start, seed, block, transform, augment
-        self.collate, self.source_ids = collate, source_ids
+        self.collate, self.source_ids, self.view2 = collate, source_ids, view2  # view2: `image_view2`'s transform
         self.sources = {str(p): s for p, s in zip(shards.paths, shards.sources)}
 
     def lane_parts(self) -> list[tuple[int, int, int]]:
@@ -444,6 +444,7 @@ class ShardStream(IterableDataset):
                 caption = record["caption"]
                 if isinstance(caption, list):
                     caption = caption[draw % len(caption)]
+                second = second_view(self.view2, image, self.seed, draw) if self.view2 is not None else None
                 if self.augment:  # seeded by the draw: the same crop whichever rank or worker decodes it
                     image = transform_seeded(self.transform, image, rng.seed_of("augment", self.seed, draw))
                 else:
@@ -452,7 +453,7 @@ class ShardStream(IterableDataset):
                 ident = image_id(record, raw) + offset
                 ident -= ID_SPACE if ident >= ID_SPACE else 0  # a hashed id of a later source wraps, an int64 still
                 out.append({"image": image, "text": caption, "image_id": ident,
-                            "draw": draw, "skipped": skipped})
+                            "draw": draw, "skipped": skipped, **({} if second is None else {"image_view2": second})})
         return out
 
     def __iter__(self):
@@ -484,7 +485,7 @@ class ShardLoader:
 
 def shard_loader(shards: ShardSet, collate: Collate, *, image_size: int, batch_size: int, seed: int, rank: int = 0,
                  world: int = 1, start: int = 0, num_workers: int = 0, augment: bool = False, streams: int = 0,
-                 shuffle_block: int = 64) -> ShardLoader:
+                 shuffle_block: int = 64, view2: bool = False) -> ShardLoader:
     """Batches of `batch_size` for `rank` of `world`, from global batch `start` on (see the module docstring)."""
     global_batch = batch_size * world
     streams = streams or auto_streams(global_batch)
@@ -497,5 +498,6 @@ def shard_loader(shards: ShardSet, collate: Collate, *, image_size: int, batch_s
     lanes = min(num_workers, len(parts)) if num_workers > 0 else 1
     dataset = ShardStream(shards, parts, lanes, global_batch=global_batch, streams=streams, start=start, seed=seed,
                           block=shuffle_block, transform=image_transform(image_size, augment), augment=augment,
-                          collate=collate, source_ids=len(shards.shares) > 1)
+                          collate=collate, source_ids=len(shards.shares) > 1,
+                          view2=image_transform(image_size, True) if view2 else None)
     return ShardLoader(dataset, lanes if num_workers > 0 else 0, collate.tokenizer.pad_id)

@@ -179,3 +179,10 @@ def transform_seeded(transform, image, seed: int):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return transform(image)
+
+
+def second_view(transform, image, seed: int, draw: int):
+    """`image_view2` of sample `draw`: `transform` (the pretraining augmentation) seeded apart from the first view's
+    stream, so the two views are independent draws and each the same in any process and after a resume."""
+    from vlpt.engine import rng
+    return transform_seeded(transform, image, rng.seed_of("augment_view2", seed, draw))
