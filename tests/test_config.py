@@ -192,7 +192,7 @@ def test_the_shipped_presets_are_a_tiny_and_a_base_per_method_and_per_finetuned_
     underneath them. A task that trains ships finetune/TASK_tiny.yaml and base presets TASK[_DATASET]_base.yaml,
     each selecting its task."""
     from vlpt.tasks import registry
-    assert built_in_methods() == {"albef", "codis", "maskvlm", "cbvila", "simla"}
+    assert built_in_methods() == {"albef", "codis", "maskvlm", "cbvila", "simla", "semmim"}
     shipped = {p.relative_to(CONFIGS).as_posix() for p in SHIPPED}
     assert {p for p in shipped if not p.startswith("finetune/")} == {
         "model/tiny.yaml", "model/base.yaml",
