@@ -49,6 +49,7 @@ CODIS = "pretrain/codis_tiny.yaml"
 MASKVLM = "pretrain/maskvlm_tiny.yaml"
 CBVILA = "pretrain/cbvila_tiny.yaml"
 SIMLA = "pretrain/simla_tiny.yaml"
+SEMMIM = "pretrain/semmim_tiny.yaml"
 # name -> (config, overrides): CODIS Table 4's rows are CODIS with parts switched off; MaskVLM Table 5's (losses) and
 # A.3's (masking both modalities at once) are MaskVLM's; CB-ViLA Table IV's are its losses (ITC kept in every row,
 # as ITM's hard negatives need it; "pixel" includes Eq. 3's codebook terms), plus its estimator and restarts.
@@ -80,6 +81,20 @@ ROWS = {
     "simla": (SIMLA, []),
     "simla:psl-student": (SIMLA, ["method.simla.psl.attention=student"]),
     "simla:psl-mean": (SIMLA, ["method.simla.psl.heads=mean"]),
+    # SemMIM Tables 4-7 (the preset: own targets, text-guided, 30 %, text in the last block). Table 4's w/o MIM drops
+    # the [CLS] agreement too (it only shapes the own targets' space); pixels and visual tokens keep it out as well.
+    "semmim": (SEMMIM, []),
+    "semmim:no-mim": (SEMMIM, ["method.losses=[itc,itm,mlm,plm]"]),
+    "semmim:pixels": (SEMMIM, ["method.losses=[itc,itm,mlm,plm,patch]", "method.semmim.mim_target=pixels"]),
+    "semmim:tokens": (SEMMIM, ["method.losses=[itc,itm,mlm,plm,patch]", "method.semmim.mim_target=tokens"]),
+    "semmim:random-mask": (SEMMIM, ["method.semmim.masking=random"]),
+    "semmim:ratio-0.15": (SEMMIM, ["method.semmim.mask_ratio=0.15"]),
+    "semmim:ratio-0.45": (SEMMIM, ["method.semmim.mask_ratio=0.45"]),
+    # Table 7's start layer i of 12 is N = 13 - i text blocks; of the tiny ViT's 4: none, the last 1, 2, all 4
+    "semmim:text-none": (SEMMIM, ["method.semmim.text_layers=0"]),
+    "semmim:text-last2": (SEMMIM, ["method.semmim.text_layers=2"]),
+    "semmim:text-all": (SEMMIM, ["method.semmim.text_layers=4"]),
+    "semmim:views-prose": (SEMMIM, ["method.semmim.views=prose"]),
 }
 
 

@@ -276,3 +276,35 @@ def test_semmim_trains_lowers_its_loss_and_serves_retrieval(shapes_data, tmp_pat
                                  image_size=cfg.model.vision.image_size, max_len=cfg.model.text.max_len, k=4,
                                  batch_size=8, device=torch.device("cpu"), num_workers=0)
     assert 0 <= metrics["img_r1"] <= 100
+
+
+def test_visualize_masking_draws_text_guided_and_random_masks(shapes_data, tmp_path, capsys):
+    from vlpt.cli import main
+    from vlpt.engine.checkpoint import load_method
+    from vlpt.pretrain import pretrain as train
+    from vlpt.viz.masking import masking_rows
+
+    out = tmp_path / "run"
+    train(load_config(PRESET, [*SMALL, f"data.root={shapes_data}", f"train.out={out}", "train.steps=1"]))
+    main(["visualize", "masking", "--checkpoint", str(out), "--out", str(tmp_path / "m.png"), "--n", "3",
+          "--device", "cpu"])
+    assert (tmp_path / "m.png").stat().st_size > 0 and "text-guided" in capsys.readouterr().out
+    model, cfg, tokenizer = load_method(out)
+    rows = masking_rows(model, tokenizer, torch.randn(3, 3, 32, 32), ["a red circle", "a blue square", "a"],
+                        cfg.model.text.max_len)
+    k = round(cfg.method.semmim.mask_ratio * 16)
+    assert rows["guided"].shape == rows["random"].shape == (3, 4, 4)
+    assert (rows["guided"].flatten(1).sum(1) == k).all() and (rows["random"].flatten(1).sum(1) == k).all()
+
+
+def test_compare_methods_runs_semmim_rows(shapes_data, tmp_path, capsys):
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import compare_methods
+    assert {"semmim", "semmim:no-mim", "semmim:pixels", "semmim:tokens", "semmim:random-mask", "semmim:ratio-0.15",
+            "semmim:ratio-0.45", "semmim:text-none", "semmim:text-all"} <= set(compare_methods.ROWS)
+    compare_methods.main(["--data", str(shapes_data), "--rows", "semmim", "semmim:tokens", "--steps", "2",
+                          "--device", "cpu", "--out", str(tmp_path), *SMALL])
+    out = capsys.readouterr().out
+    assert "| semmim |" in out and "| semmim:tokens |" in out

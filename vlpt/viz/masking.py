@@ -1,0 +1,101 @@
+"""SemMIM's text-guided masking as a picture (Sec. 3.2.2): per image-caption pair the image, its caption, the
+text-guided mask (patches drawn with probabilities softmax(patch-text similarity / tau)) over the similarity map, and
+a random mask of the same ratio; `vlpt visualize masking`."""
+from __future__ import annotations
+
+import math
+import textwrap
+from pathlib import Path
+
+import torch
+
+from vlpt.data.annotations import load_annotations, load_image
+from vlpt.data.transforms import image_transform
+from vlpt.viz.registry import Visualization, register, require
+
+
+@torch.no_grad()
+def masking_rows(model, tokenizer, images: torch.Tensor, captions: list[str], max_len: int, step: int = 0) -> dict:
+    """Similarity (B,g,g) of each patch to its caption (the momentum model's, as the method masks), the text-guided
+    and the random masks (B,g,g) bool, and the mean similarity of the patches each masks."""
+    require(model, "masking")
+    ids, mask = tokenizer(captions, max_len)
+    ids, mask = ids.to(images.device), mask.to(images.device)
+    tokens, _ = model.encode_image(images, teacher=True)
+    _, text = model.encode_text(ids, mask, teacher=True)
+    patches = torch.nn.functional.normalize(model.teacher["vision_proj"](tokens[:, 1:]).float(), dim=-1)
+    sim = torch.einsum("bnd,bd->bn", patches, text.float())
+    guided = model.draw_patch_mask(tokens[:, 1:], text, step, masking="text")
+    random = model.draw_patch_mask(tokens[:, 1:], text, step, masking="random")
+    grid = model.backbone.vision.grid
+    mean = lambda m: float((sim * m).sum() / m.sum().clamp(min=1))  # noqa: E731
+    return {"similarity": sim.view(-1, *grid).cpu(), "guided": guided.view(-1, *grid).cpu(),
+            "random": random.view(-1, *grid).cpu(), "guided_sim": mean(guided), "random_sim": mean(random),
+            "all_sim": float(sim.mean())}
+
+
+def save_masking(pictures, captions: list[str], rows: dict, out: str | Path, title: str = "") -> Path:
+    """One PNG: a row per pair, columns image (caption below), patch-text similarity with the text-guided mask
+    hatched, and the random mask of the same ratio."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    n = len(captions)
+    fig, axes = plt.subplots(n, 3, figsize=(9.0, 3.2 * n), squeeze=False)
+    for i, (picture, caption) in enumerate(zip(pictures, captions)):
+        width, height = picture.size
+        image = np.asarray(picture.convert("RGB"))
+        for j, (name, mask) in enumerate((("", None), ("text-guided", rows["guided"][i]),
+                                          ("random", rows["random"][i]))):
+            ax = axes[i, j]
+            ax.imshow(image)
+            if mask is not None:
+                gh, gw = mask.shape
+                if j == 1:  # the similarity map under the text-guided mask
+                    ax.imshow(rows["similarity"][i].numpy(), cmap="viridis", alpha=0.45,
+                              extent=(0, width, height, 0), interpolation="nearest")
+                shade = np.zeros((gh, gw, 4))
+                shade[mask.numpy()] = (0.0, 0.0, 0.0, 0.75)
+                ax.imshow(shade, extent=(0, width, height, 0), interpolation="nearest")
+                ax.set_title(f"{name} mask ({int(mask.sum())} of {gh * gw})", fontsize=8)
+            else:
+                ax.set_title(textwrap.fill(f'"{caption}"', 36), fontsize=8)
+            ax.set_xticks([])
+            ax.set_yticks([])
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+@register("masking")
+class Masking(Visualization):
+    capability = "masking"
+    help = "SemMIM masking: image, caption, text-guided mask over the patch-text similarity, random mask of the same ratio"
+    out = "masking.png"
+
+    def arguments(self, p) -> None:
+        p.add_argument("--annotation", default="retrieval_test.json",
+                       help="annotation file in the data folder whose first pairs are drawn")
+        p.add_argument("--n", type=int, default=4, help="image-caption pairs (rows)")
+        p.add_argument("--seed", type=int, default=0, help="step index of the masks' noise")
+
+    def draw(self, model, cfg, tokenizer, args, device) -> str:
+        data = Path(args.data or cfg.data.root)
+        records = load_annotations(data / args.annotation, "pretrain")[:args.n]
+        transform = image_transform(cfg.model.vision.image_size)
+        pictures = [load_image(data / r["image"]) for r in records]
+        images = torch.stack([transform(p) for p in pictures]).to(device)
+        captions = [r["caption"][0] if isinstance(r["caption"], list) else r["caption"] for r in records]
+        rows = masking_rows(model, tokenizer, images, captions, cfg.model.text.max_len, args.seed)
+        s = cfg.method.semmim
+        out = save_masking(pictures, captions, rows, args.out,
+                           title=f"SemMIM masking, ratio {s.mask_ratio:g}: text-guided vs random")
+        return (f"wrote {out}; mean patch-text similarity of masked patches: text-guided {rows['guided_sim']:.3f}, "
+                f"random {rows['random_sim']:.3f} (all patches {rows['all_sim']:.3f})")
