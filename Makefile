@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test browser bench clean
 
 install: $(VENV)/.installed
 
@@ -18,8 +18,13 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	$(BIN)/vlpt demo
 
-test: install
+test: install browser
 	$(BIN)/python -m pytest -q
+
+# The browser tests (tests/test_serve.py, marked browser) drive Debian's chromium; they skip, saying so, without it.
+browser:
+	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) \
+		|| echo "chromium could not be installed (apt-get needs root): the browser tests will be skipped"
 
 bench: install
 	$(BIN)/python benchmarks/train_throughput.py

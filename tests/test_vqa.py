@@ -138,6 +138,16 @@ def test_decoder_starts_as_a_copy_of_the_fusion_layers_embeddings_and_mlm_head(s
     assert model.teacher is not None and method.teacher is None  # the task's teacher replaces pretraining's
 
 
+def test_a_single_streams_decoder_copies_the_top_fusion_layers_of_its_stack(shapes_data, tmp_path):
+    cfg = config(shapes_data, tmp_path, "model.text.text_layers=2", preset="pretrain/simla_tiny.yaml")
+    method = methods.build(cfg, 40)
+    stack = method.backbone.fusion.layers
+    d = vqa.VQAModel(method, layers=0).decoder
+    assert len(stack) == 3 and len(d.layers) == cfg.model.text.fusion_layers == 1  # the top layer of 3, as ALBEF
+    for (name, a), (_, b) in zip(d.layers[0].state_dict().items(), stack[-1].state_dict().items()):
+        assert torch.equal(a, b), name
+
+
 def test_answer_loss_weighs_each_answer_by_its_share_over_the_questions(shapes_data, tmp_path):
     cfg = config(shapes_data, tmp_path, "method.alpha=0.0")
     method = methods.build(cfg, 40)

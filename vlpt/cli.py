@@ -99,6 +99,15 @@ def cmd_demo(args) -> None:
     rows = demo.run(args.method, Path(args.data), Path(args.out), args.overrides)
     print(demo.table(rows))
     print(f"metrics of every stage under {args.out}; this table in {Path(args.out) / 'demo.json'}")
+    print("try it in a browser:", serve_command(Path(args.out), args.method, Path(args.data)))
+
+
+def serve_command(out: Path, method: str, data: Path) -> str:
+    """The `vlpt serve` line for a `vlpt demo` run folder: its pretrained checkpoint on the test images, with the
+    VQA and captioning heads it finetuned."""
+    heads = [str(out / task) for task in ("vqa", "caption") if (out / task / "latest").is_file()]
+    return (f"vlpt serve --checkpoint {out / method} --images {data / 'images' / 'test'}"
+            + (f" --heads {' '.join(heads)}" if heads else ""))
 
 
 def cmd_visualize(args) -> None:
@@ -112,6 +121,11 @@ def cmd_visualize(args) -> None:
     if picture.capability:
         require(model, picture.capability)
     print(picture.draw(model, cfg, tokenizer, args, device))
+
+
+def cmd_serve(args) -> None:
+    from vlpt.serve import serve
+    serve(args)
 
 
 def cmd_convert(args) -> None:
@@ -245,6 +259,24 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_demo)
 
     visualize_parsers(sub)
+
+    s = sub.add_parser("serve", help="a web demo of a checkpoint: search an image folder, Grad-CAM, VQA, captions, "
+                                     "classification (needs pip install 'vlpt[demo]')")
+    s.add_argument("--checkpoint", required=True, help="checkpoint folder or run folder (any method)")
+    s.add_argument("--images", required=True, help="image folder to search (indexed once, cached)")
+    s.add_argument("--heads", nargs="+", default=[], help="task checkpoints (vlpt finetune vqa / caption runs) "
+                   "whose heads add the Ask and Describe tabs")
+    s.add_argument("--captions", default="", help="caption file ({image, caption} records) for image queries and "
+                   "result captions (default: a retrieval_*.json in or above the folder naming its images)")
+    s.add_argument("--cache", default="", help="folder of the feature cache and the page's files; nothing is "
+                   "written elsewhere (default: $VLPT_CACHE or ~/.cache/vlpt/serve)")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only; 0.0.0.0: every "
+                   "interface)")
+    s.add_argument("--port", type=int, default=7860)
+    s.add_argument("--device", default="auto")
+    s.add_argument("--threads", type=int, default=1, help="torch CPU threads for the model (0: torch's default; "
+                   "one answers a tiny model fastest, more help a large one on a quiet machine)")
+    s.set_defaults(func=cmd_serve)
 
     convert = sub.add_parser("convert", help="another code base's checkpoint as a vlpt checkpoint")
     s = convert.add_subparsers(dest="source", required=True).add_parser(

@@ -28,12 +28,13 @@ class Decoder(nn.Module):
     @classmethod
     def from_method(cls, method, context_width: int, layers: int = 0) -> "Decoder":
         """A decoder at the method's text width cross-attending to contexts `context_width` wide (image tokens: the
-        ViT's; a fused question: the text's), `layers` deep (0: as many as the fusion encoder), initialised by
-        `init_from` from the method's text encoder, fusion layers and MLM head."""
+        ViT's; a fused question: the text's), `layers` deep (0: `model.text.fusion_layers`, ALBEF's 6), initialised
+        by `init_from` from the method's text encoder, its last fusion layers (a single stream's whole stack is its
+        fusion encoder: SIMLA's decoder takes the top 6 of its 12, as ALBEF's takes BERT's layers 6-11) and MLM head."""
         backbone = method.backbone
-        decoder = cls(backbone.text.embeddings.word.num_embeddings, method.cfg.model.text, context_width,
-                      layers or len(backbone.fusion.layers))
-        decoder.init_from(backbone.text, backbone.fusion.layers, method.mlm_head)
+        layers = layers or method.cfg.model.text.fusion_layers
+        decoder = cls(backbone.text.embeddings.word.num_embeddings, method.cfg.model.text, context_width, layers)
+        decoder.init_from(backbone.text, backbone.fusion.layers[-layers:], method.mlm_head)
         return decoder
 
     def init_from(self, text: TextEncoder, fusion_layers: nn.ModuleList, mlm_head: MLMHead) -> int:
