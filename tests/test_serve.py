@@ -329,11 +329,17 @@ def screenshots_folder(tmp_path: Path) -> Path:
     return folder
 
 
+def files(folders: list[Path]) -> set[Path]:
+    return {p for folder in folders for p in folder.rglob("*") if "__pycache__" not in p.parts}
+
+
 @pytest.fixture(scope="module")
 def served(pretrained, shapes_data, tmp_path_factory):
     """`vlpt serve` as a user starts it, on a free loopback port; yields (url, the folder's captions)."""
     port = free_port()
     cache = tmp_path_factory.mktemp("served-cache")
+    watched = [pretrained, shapes_data, Path(__file__).parents[1] / "vlpt"]
+    before = files(watched)
     log = tmp_path_factory.mktemp("served-log") / "serve.log"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     with open(log, "w") as out:
@@ -356,7 +362,7 @@ def served(pretrained, shapes_data, tmp_path_factory):
         pytest.fail(f"vlpt serve did not answer within 120 s:\n{log.read_text()[-3000:]}")
     records = json.loads((shapes_data / "retrieval_test.json").read_text())
     captions = {Path(r["image"]).name: r["caption"] for r in records}
-    yield url, captions
+    yield url, captions, lambda: files(watched) - before
     proc.terminate()
     try:
         proc.wait(10)
@@ -382,7 +388,7 @@ def browser():
 
 @pytest.mark.browser
 def test_the_page_searches_looks_and_reports_bad_uploads(browser, served, demo, tmp_path):
-    url, captions = served
+    url, captions, written = served
     shots = screenshots_folder(tmp_path)
     page = browser.new_page(viewport={"width": 1280, "height": 1000})
     page.set_default_timeout(60_000)
@@ -421,3 +427,4 @@ def test_the_page_searches_looks_and_reports_bad_uploads(browser, served, demo, 
     page.click("#search-button")
     page.wait_for_function("document.querySelector('#search-message').innerText.includes('empty')")
     page.close()
+    assert not written()  # uploads and pictures went to the cache folder: the checkpoint, data and package unchanged

@@ -32,24 +32,20 @@ def import_gradio(cache: Path):
     return gr
 
 
-_IMAGE_INPUT = None
-
-
 def image_input(gr, elem_id: str, label: str = "Image"):
     """An image upload whose file reaches the handler even when it is no image (Gradio's own Image would fail before
-    the handler with a bare "Error"): the handler then says what is wrong in the page."""
-    global _IMAGE_INPUT
-    if _IMAGE_INPUT is None:
-        class ImageInput(gr.Image):
-            is_template = True  # drawn by Gradio's Image front end
+    the handler with a bare "Error"): the handler then says what is wrong in the page. (The instance's `preprocess`
+    is wrapped rather than subclassing: Gradio writes a .pyi stub beside the module of every component class.)"""
+    component = gr.Image(type="filepath", label=label, sources=["upload", "clipboard"], elem_id=elem_id, height=260)
+    plain = component.preprocess
 
-            def preprocess(self, payload):
-                try:
-                    return super().preprocess(payload)
-                except Exception:
-                    return getattr(payload, "path", None)
-        _IMAGE_INPUT = ImageInput
-    return _IMAGE_INPUT(type="filepath", label=label, sources=["upload", "clipboard"], elem_id=elem_id, height=260)
+    def preprocess(payload):
+        try:
+            return plain(payload)
+        except Exception:
+            return getattr(payload, "path", None)
+    component.preprocess = preprocess
+    return component
 
 
 def message(text: str) -> str:
