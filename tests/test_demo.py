@@ -26,4 +26,7 @@ def test_demo_runs_every_stage_and_prints_one_table(shapes_data, tmp_path, capsy
     assert rows[9]["value"] == vqa["vqa_accuracy"] and rows[9]["baseline_value"] == vqa["prior_baseline"]
     grounding = json.loads((tmp_path / "grounding" / "metrics.json").read_text())
     assert rows[11]["baseline_value"] == grounding["random_baseline"] and rows[11]["task"] == "grounding"
-    assert "total" in printed.splitlines()[-2]
+    assert "total" in printed.splitlines()[-3]
+    assert printed.splitlines()[-1] == (f"try it in a browser: vlpt serve --checkpoint {tmp_path / 'albef'} --images "
+                                        f"{shapes_data / 'images' / 'test'} --heads {tmp_path / 'vqa'} "
+                                        f"{tmp_path / 'caption'}")
