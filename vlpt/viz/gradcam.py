@@ -12,6 +12,7 @@ import torch
 
 from vlpt.errors import VlptError
 from vlpt.models.text import capture_attention
+from vlpt.viz.figures import save_figure
 
 
 def gradcam(method, image_tokens: torch.Tensor, text_hidden: torch.Tensor, text_mask: torch.Tensor,
@@ -64,11 +65,4 @@ def save_gradcam(picture, words: list[str], cams: torch.Tensor, average: torch.T
         ax.set_title(name, fontsize=9)
     for ax in axes.flat:
         ax.axis("off")
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out, title)

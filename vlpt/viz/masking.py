@@ -12,6 +12,7 @@ import torch
 from vlpt.data.annotations import load_annotations, load_image
 from vlpt.data.transforms import image_transform
 from vlpt.viz.registry import Visualization, register, require
+from vlpt.viz.figures import save_figure
 
 
 @torch.no_grad()
@@ -64,14 +65,7 @@ def save_masking(pictures, captions: list[str], rows: dict, out: str | Path, tit
                 ax.set_title(textwrap.fill(f'"{caption}"', 36), fontsize=8)
             ax.set_xticks([])
             ax.set_yticks([])
-    if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out, title, dpi=110, title_size=9)
 
 
 @register("masking")

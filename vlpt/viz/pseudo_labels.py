@@ -12,6 +12,7 @@ import torch
 from vlpt.data.annotations import load_annotations, load_image
 from vlpt.data.transforms import image_transform
 from vlpt.viz.registry import Visualization, register, require
+from vlpt.viz.figures import save_figure
 
 
 @torch.no_grad()
@@ -82,14 +83,7 @@ def save_pseudo_labels(pictures, rows: list[dict], out: str | Path, title: str =
         ax.set_yticks([])
     for ax in list(axes.flat)[len(rows):]:
         ax.axis("off")
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out, title)
 
 
 @register("pseudo-labels")
