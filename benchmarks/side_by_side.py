@@ -252,7 +252,8 @@ def vlpt_side(a) -> dict:
     from vlpt.tasks import retrieval
 
     warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step")
-    cfg = load_config(VLPT_CONFIG, vlpt_overrides(a))
+    cfg = load_config(VLPT_CONFIG, vlpt_overrides(a))  # evaluation: texts of at most 30 tokens, as Retrieval.py
+    train_cfg = load_config(VLPT_CONFIG, vlpt_overrides(a) + [f"model.text.max_len={ALBEF_TEXT_LEN['pretrain']}"])
     torch.set_num_threads(a.threads)
     tokenizer = Tokenizer(a.vocab, cfg.model.text.preprocess)
     device = torch.device("cpu")
@@ -262,21 +263,21 @@ def vlpt_side(a) -> dict:
     t = TINY
     data = Path(a.data)
     records = pretrain_records(data, (a.warmup + a.steps) * t["batch"])
-    needs = methods.check(cfg).batch_needs(cfg.method)
-    loader = iter(train_loader(cfg, records, tokenizer, needs))
+    needs = methods.check(train_cfg).batch_needs(train_cfg.method)
+    loader = iter(train_loader(train_cfg, records, tokenizer, needs))  # at most 25 tokens, as Pretrain.py
     batches = [next(loader) for _ in range(a.warmup + a.steps)]
     del loader
     torch.manual_seed(cfg.train.seed)
-    model = methods.build(cfg, tokenizer.vocab_size).to(device).train()
-    optimizer, scheduler = build_optimizer(model, cfg, device)
+    model = methods.build(train_cfg, tokenizer.vocab_size).to(device).train()
+    optimizer, scheduler = build_optimizer(model, train_cfg, device)
     times, cpu = [], 0.0
     for step, batch in enumerate(batches):
         start, cpu_start = time.perf_counter(), time.process_time()
-        train_step(model, model, optimizer, scheduler, iter([batch]), step, cfg, device)
+        train_step(model, model, optimizer, scheduler, iter([batch]), step, train_cfg, device)
         if step >= a.warmup:
             times.append(time.perf_counter() - start)
             cpu += time.process_time() - cpu_start
-    flops = step_flops(model, model, iter([batches[0]]), len(batches), cfg, device)
+    flops = step_flops(model, model, iter([batches[0]]), len(batches), train_cfg, device)
     seconds = sum(times) / len(times)
     out["train"] = {"batch": t["batch"], "steps": len(times), "step_s": seconds, "step_s_all": times,
                     "samples_per_s": t["batch"] / seconds, "gflop_per_sample": flops / t["batch"] / 1e9,
@@ -414,9 +415,9 @@ def table(res: dict, cpu: dict, threads: int) -> str:
                          f"{'yes' if ev['identical_rankings'] else 'NO'} ({ev['queries_ranked_differently']} "
                          f"queries differ; max |score difference| {ev['max_abs_score_diff']:.1e})")
     if al:
-        notes.append(f"ALBEF: texts padded to 25 (pretraining, longest) and 30 (evaluation, Retrieval.py); "
-                     f"mean pretraining batch width {al['train']['text_len']:.1f} tokens, vlpt's "
-                     f"{vl['train']['text_len']:.1f}" if vl else "")
+        notes.append(f"texts of at most 25 tokens in pretraining (Pretrain.py; ALBEF pads to the longest) and 30 "
+                     f"in evaluation (Retrieval.py); mean pretraining batch width: ALBEF {al['train']['text_len']:.1f} "
+                     f"tokens" + (f", vlpt {vl['train']['text_len']:.1f}" if vl else ""))
     notes.append("1-minute load average before / after each side (2 = both cores busy): " + "; ".join(
         f"{name} {s['load_before_after'][0]:.1f} / {s['load_before_after'][1]:.1f}"
         for name, s in (("ALBEF", al), ("vlpt", vl)) if s and "load_before_after" in s))

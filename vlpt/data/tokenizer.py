@@ -64,14 +64,15 @@ class Tokenizer:
         return cls(out, preprocess)
 
     def __call__(self, texts: list[str], max_len: int, fixed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """Truncated to `max_len`, padded to the longest text rounded up to a multiple of 8, or to `max_len` when
-        `fixed` (equal shapes on every rank, for gathers under DDP): ids, mask (B,L) long."""
+        """Truncated to `max_len`, padded to the longest text rounded up to a multiple of 8 but never beyond
+        `max_len`, or to `max_len` when `fixed` (equal shapes on every rank, for gathers under DDP): ids, mask (B,L)
+        long. (Rounding 25 or 30 up to 32 would add columns of padding every layer computes: issue 19.)"""
         self._tok.enable_truncation(max_len)
         self._tok.enable_padding(pad_id=self.pad_id, length=max_len if fixed else None, pad_to_multiple_of=8)
         enc = self._tok.encode_batch([PREPROCESS[self.preprocess](t) for t in texts])
         ids = torch.tensor([e.ids for e in enc], dtype=torch.long)
         mask = torch.tensor([e.attention_mask for e in enc], dtype=torch.long)
-        return ids, mask
+        return ids[:, :max_len], mask[:, :max_len]  # past max_len there is only the rounding's padding
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids)
