@@ -3,6 +3,7 @@ cases, and the finetune / evaluate path with its captions file."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -22,6 +23,28 @@ def test_a_prediction_equal_to_a_reference_scores_full_bleu_and_a_wrong_one_none
         perfect["cider"] + perfect["bleu4"], abs=0.02)
     wrong = captioning.caption_scores(["green squares everywhere today", "purple diamonds below everything"], refs)
     assert wrong["bleu1"] < 1 and wrong["cider"] < perfect["cider"] and wrong["meteor"] < perfect["meteor"]
+
+
+def test_scores_equal_pycocoevalcap_called_directly_and_bleu1_its_formula():
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.meteor.meteor import Meteor
+    from pycocoevalcap.rouge.rouge import Rouge
+    refs = [["a red star on the left", "one red star"], ["a blue circle at the top", "a blue circle"],
+            ["two shapes a green square and a white diamond"]]
+    predictions = ["a red star", "a blue circle on the right", "a green square and a diamond"]
+    got = captioning.caption_scores(predictions, refs)
+    gts = {i: r for i, r in enumerate(refs)}  # already lower case, no punctuation: PTB tokenisation changes nothing
+    res = {i: [p] for i, p in enumerate(predictions)}
+    bleu, _ = Bleu(4).compute_score(gts, res)
+    direct = {**{f"bleu{n + 1}": b for n, b in enumerate(bleu)}, "meteor": Meteor().compute_score(gts, res)[0],
+              "rouge_l": Rouge().compute_score(gts, res)[0], "cider": Cider().compute_score(gts, res)[0]}
+    for key, value in direct.items():
+        assert got[key] == pytest.approx(100 * value, abs=0.006), key
+    # BLEU-1 of one short prediction: clipped unigram precision 2/2 times the brevity penalty exp(1 - 3/2) against the
+    # closest reference length (3 words)
+    short = captioning.caption_scores(["red star"], [refs[0]])
+    assert short["bleu1"] == pytest.approx(100 * math.exp(1 - 3 / 2), abs=0.01)
 
 
 def test_caption_loss_leaves_out_the_prompt_and_averages_the_caption_tokens(shapes_data, tmp_path):
