@@ -38,3 +38,23 @@ def cli_error(argv: list[str], capsys) -> str:
     err = capsys.readouterr().err.strip()
     assert err.startswith("vlpt: error: ") and "\n" not in err, err
     return err
+
+
+def pair_batch(vocab: int, b: int = 4, length: int = 10, seed: int = 0, pad: int = 0, views: bool = False) -> dict:
+    """A seeded pretraining batch of 32 px images and `length`-token texts ([CLS]=2 ... [SEP]=3, the last `pad`
+    positions padding) with MLM ids and labels; `views` adds a second image view."""
+    import torch
+    from vlpt.data.masking import mask_tokens
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, vocab, (b, length), generator=gen)
+    mask = torch.ones_like(ids)
+    ids[:, 0] = 2
+    ids[:, length - 1 - pad] = 3
+    if pad:
+        ids[:, length - pad:], mask[:, length - pad:] = 0, 0
+    mlm_ids, mlm_labels = mask_tokens(ids, 0.3, 4, vocab, [0, 1, 2, 3, 4], gen)
+    batch = {"image": torch.randn(b, 3, 32, 32, generator=gen)}
+    if views:
+        batch["image_view2"] = torch.randn(b, 3, 32, 32, generator=gen)
+    return {**batch, "text_ids": ids, "text_mask": mask, "image_id": torch.arange(b), "mlm_ids": mlm_ids,
+            "mlm_labels": mlm_labels}

@@ -9,10 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import TINY
+from helpers import TINY, pair_batch
 from vlpt import methods
 from vlpt.config import load_config
-from vlpt.data.masking import mask_tokens, sample_patches
+from vlpt.data.masking import sample_patches
 from vlpt.objectives.agreement import cls_agreement_loss, patch_mim_loss
 from vlpt.objectives.prefix_lm import split_caption, split_points
 
@@ -29,17 +29,7 @@ def _semmim(*over):
 
 
 def _batch(b=4, length=10, seed=0, pad=0):
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(5, VOCAB, (b, length), generator=gen)
-    mask = torch.ones_like(ids)
-    ids[:, 0] = 2
-    ids[:, length - 1 - pad] = 3
-    if pad:
-        ids[:, length - pad:], mask[:, length - pad:] = 0, 0
-    mlm_ids, mlm_labels = mask_tokens(ids, 0.3, 4, VOCAB, [0, 1, 2, 3, 4], gen)
-    return {"image": torch.randn(b, 3, 32, 32, generator=gen), "image_view2": torch.randn(b, 3, 32, 32, generator=gen),
-            "text_ids": ids, "text_mask": mask, "image_id": torch.arange(b), "mlm_ids": mlm_ids,
-            "mlm_labels": mlm_labels}
+    return pair_batch(VOCAB, b, length, seed, pad, views=True)
 
 
 # --- the momentum encoder and heads --------------------------------------------------------------------------------

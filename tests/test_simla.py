@@ -9,10 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import TINY
+from helpers import TINY, pair_batch
 from vlpt import methods
 from vlpt.config import load_config
-from vlpt.data.masking import IGNORE, mask_image_blocks, mask_tokens
+from vlpt.data.masking import IGNORE, mask_image_blocks
 from vlpt.errors import VlptError
 from vlpt.models.visual_tokens import DVAEEncoder, PatchKMeans, VisualTokens, load_dvae_encoder
 from vlpt.objectives.masked_language import mlm_loss
@@ -30,16 +30,7 @@ def _simla(*over):
 
 
 def _batch(b=4, length=10, seed=0, pad=0):
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(5, VOCAB, (b, length), generator=gen)
-    mask = torch.ones_like(ids)
-    ids[:, 0] = 2
-    ids[:, length - 1 - pad] = 3
-    if pad:
-        ids[:, length - pad:], mask[:, length - pad:] = 0, 0
-    mlm_ids, mlm_labels = mask_tokens(ids, 0.3, 4, VOCAB, [0, 1, 2, 3, 4], gen)
-    return {"image": torch.randn(b, 3, 32, 32, generator=gen), "text_ids": ids, "text_mask": mask,
-            "image_id": torch.arange(b), "mlm_ids": mlm_ids, "mlm_labels": mlm_labels}
+    return pair_batch(VOCAB, b, length, seed, pad)
 
 
 # --- the single stream -----------------------------------------------------------------------------------------------

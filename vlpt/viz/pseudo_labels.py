@@ -9,9 +9,7 @@ from pathlib import Path
 
 import torch
 
-from vlpt.data.annotations import load_annotations, load_image
-from vlpt.data.transforms import image_transform
-from vlpt.viz.registry import Visualization, register, require
+from vlpt.viz.registry import Visualization, add_pair_arguments, first_pairs, register, require
 from vlpt.viz.figures import save_figure
 
 
@@ -93,21 +91,14 @@ class PseudoLabels(Visualization):
     out = "pseudo_labels.png"
 
     def arguments(self, p) -> None:
-        p.add_argument("--annotation", default="retrieval_test.json",
-                       help="annotation file in the data folder whose first pairs are drawn")
-        p.add_argument("--n", type=int, default=8, help="image-caption pairs")
+        add_pair_arguments(p, n=8)
         p.add_argument("--top", type=int, default=5, help="concept-head words shown per image")
         p.add_argument("--gradcam", action="store_true",
                        help="overlay the Grad-CAM of each image's top concept through the student's concept head "
                             "(the appendix's Fig. 2)")
 
     def draw(self, model, cfg, tokenizer, args, device) -> str:
-        data = Path(args.data or cfg.data.root)
-        records = load_annotations(data / args.annotation, "pretrain")[:args.n]
-        transform = image_transform(cfg.model.vision.image_size)
-        pictures = [load_image(data / r["image"]) for r in records]
-        images = torch.stack([transform(p) for p in pictures]).to(device)
-        captions = [r["caption"][0] if isinstance(r["caption"], list) else r["caption"] for r in records]
+        pictures, images, captions = first_pairs(cfg, args, device)
         rows = pseudo_label_rows(model, tokenizer, images, captions, cfg.model.text.max_len, args.top)
         p = cfg.method.simla.psl
         cams = None

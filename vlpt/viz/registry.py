@@ -34,3 +34,28 @@ class Visualization:
 
     def draw(self, model, cfg, tokenizer, args, device) -> str:
         raise NotImplementedError
+
+
+def add_pair_arguments(parser: argparse.ArgumentParser, n: int) -> None:
+    """--annotation and --n: the first pairs of an annotation file, for pictures drawn over image-caption pairs."""
+    parser.add_argument("--annotation", default="retrieval_test.json",
+                        help="annotation file in the data folder whose first pairs are drawn")
+    parser.add_argument("--n", type=int, default=n, help="image-caption pairs")
+
+
+def first_pairs(cfg, args, device):
+    """(PIL pictures, their model-size tensors on `device`, one caption each) of the first `--n` records of
+    `--annotation` under the data folder (`--data`, else the checkpoint's)."""
+    from pathlib import Path
+
+    import torch
+
+    from vlpt.data.annotations import load_annotations, load_image
+    from vlpt.data.transforms import image_transform
+    data = Path(args.data or cfg.data.root)
+    records = load_annotations(data / args.annotation, "pretrain")[:args.n]
+    transform = image_transform(cfg.model.vision.image_size)
+    pictures = [load_image(data / r["image"]) for r in records]
+    images = torch.stack([transform(p) for p in pictures]).to(device)
+    captions = [r["caption"][0] if isinstance(r["caption"], list) else r["caption"] for r in records]
+    return pictures, images, captions
