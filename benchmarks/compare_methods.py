@@ -43,6 +43,7 @@ from vlpt.engine.optim import build_optimizer  # noqa: E402
 from vlpt.engine.runtime import autocast, pick_device  # noqa: E402
 from vlpt.objectives.codebook import ipot  # noqa: E402
 from vlpt.pretrain import pretrain as train  # noqa: E402
+from vlpt.report import write_report  # noqa: E402
 from vlpt.tasks import retrieval  # noqa: E402
 
 CODIS = "pretrain/codis_tiny.yaml"
@@ -164,11 +165,13 @@ def run_row(name: str, args, seed: int | None = None) -> dict:
                               batch_size=cfg.eval.batch_size, device=device, progress=False)
     usage = rows[-1].get("codebook_usage")
     last = [r["itm"] for r in rows[-5:] if r.get("itm") is not None]
-    return {"row": name, "seed": cfg.train.seed, "itm_prior": itm_prior(cfg, data),
-            "itm_loss": sum(last) / len(last) if last else None, "txt_r1": m["txt_r1"], "img_r1": m["img_r1"], "r_mean": m["r_mean"],
-            "itc_img_r1": m["itc_img_r1"], "ms_per_step": 1000 * statistics.median(step_s), **b,
-            "codebook_usage_pct": None if usage is None else 100 * usage / cfg.method.codebook.size,
-            "train_s": seconds}
+    metrics = {"itm_prior": itm_prior(cfg, data), "itm_loss": sum(last) / len(last) if last else None,
+               "txt_r1": m["txt_r1"], "img_r1": m["img_r1"], "r_mean": m["r_mean"], "itc_img_r1": m["itc_img_r1"],
+               "ms_per_step": 1000 * statistics.median(step_s), **b,
+               "codebook_usage_pct": None if usage is None else 100 * usage / cfg.method.codebook.size,
+               "train_s": seconds}
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")  # the run folder's, for `vlpt report`
+    return {"row": name, "seed": cfg.train.seed, "run": str(out), **metrics}
 
 
 def ipot_share(config: str, args) -> dict:
@@ -218,6 +221,8 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+REPORT_METRICS = ("itm_loss", "img_r1", "itc_img_r1", "txt_r1", "r_mean", "binding_itc", "binding_itm",
+                  "codebook_usage_pct", "ms_per_step")  # the ablation tables' columns
 SUMMARY = ("itm_prior", "itm_loss", "img_r1", "itc_img_r1", "txt_r1", "r_mean", "binding_itc", "binding_itm")
 
 
@@ -254,6 +259,8 @@ def main(argv=None) -> None:
     p.add_argument("--out", default="runs/compare", help="run folders go here")
     p.add_argument("--ipot", default="", help="config whose IPOT share of the step to measure (skips the rows)")
     p.add_argument("--json", default="", help="also write the rows here")
+    p.add_argument("--report", default="", help="also write the rows' runs as a `vlpt report` HTML page here: curves, "
+                   "metrics, config differences and each method's ablation table (mean ± std over --seeds)")
     p.add_argument("overrides", nargs="*", help="key=value overrides applied to every row")
     args = p.parse_args(argv)
     if args.ipot:
@@ -273,6 +280,11 @@ def main(argv=None) -> None:
         print(table(rows))
         if args.seeds:
             print("\n" + summary(rows))
+        if args.report:
+            page = write_report([r["run"] for r in rows], args.report, REPORT_METRICS,
+                                f"compare_methods: {args.steps} steps, "
+                                + (f"seeds {', '.join(map(str, args.seeds))}" if args.seeds else "each config's seed"))
+            print(f"report: {page}")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
 

@@ -128,6 +128,12 @@ def cmd_serve(args) -> None:
     serve(args)
 
 
+def cmd_report(args) -> None:
+    from vlpt.report import write_report
+    out = write_report(args.runs, args.out, args.metrics, args.title)
+    print(f"wrote {out} ({len(args.runs)} runs)")
+
+
 def cmd_convert(args) -> None:
     from vlpt.engine.convert_albef import convert_albef
     print(convert_albef(args.checkpoint, args.out, args.vocab, args.vision_heads, args.text_heads).summary())
@@ -277,6 +283,16 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--threads", type=int, default=1, help="torch CPU threads for the model (0: torch's default; "
                    "one answers a tiny model fastest, more help a large one on a quiet machine)")
     s.set_defaults(func=cmd_serve)
+
+    s = sub.add_parser("report", help="one self-contained HTML page comparing runs: loss, learning-rate and "
+                                      "samples/s curves, metrics, config differences, ablation tables")
+    s.add_argument("runs", nargs="+", help="run folders (vlpt pretrain / finetune output: metrics.jsonl or "
+                   "metrics.json, and a checkpoint)")
+    s.add_argument("--out", default="report.html", help="HTML file to write")
+    s.add_argument("--metrics", nargs="+", default=[], help="the ablation tables' columns (default: every numeric "
+                   "metric whose value differs within the group)")
+    s.add_argument("--title", default="", help="the page's heading (default: the runs' names)")
+    s.set_defaults(func=cmd_report)
 
     convert = sub.add_parser("convert", help="another code base's checkpoint as a vlpt checkpoint")
     s = convert.add_subparsers(dest="source", required=True).add_parser(

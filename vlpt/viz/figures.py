@@ -17,3 +17,12 @@ def save_figure(fig, out: str | Path, title: str = "", dpi: int = 100, title_siz
     fig.savefig(out, dpi=dpi)
     plt.close(fig)
     return out
+
+
+def png_bytes(fig, dpi: int = 100) -> bytes:
+    """`fig` (a `matplotlib.figure.Figure`, no pyplot) as PNG bytes, for pictures that go inside a page."""
+    import io
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    return buffer.getvalue()
