@@ -108,8 +108,8 @@ def test_the_ablation_table_gives_mean_and_std_over_seeds_and_marks_the_best(pag
     seeds = [v for v, _ in (RUNS["albef_seed0"][1], RUNS["albef_seed1"][1])]
     assert preset["img_r1 ↑"] == (f"{statistics.mean(seeds):.2f} ± {statistics.stdev(seeds):.2f}", True)
     assert no_mlm["img_r1 ↑"] == ("12.00", False)
-    assert preset["itm_loss ↓"] == ("0.6 ± 0.1414", False)          # the mean of 0.5 and 0.7 loses to 0.55
-    assert no_mlm["itm_loss ↓"] == ("0.55", True)
+    assert preset["itm_loss ↓"] == ("0.6000 ± 0.1414", False)          # the mean of 0.5 and 0.7 loses to 0.55
+    assert no_mlm["itm_loss ↓"] == ("0.5500", True)
 
 
 def test_the_page_is_self_contained(page):
@@ -146,3 +146,19 @@ def test_compare_methods_writes_its_rows_through_the_report(shapes_data, tmp_pat
     cells = dict(zip(header, ablation[1]))
     values = [r["img_r1"] for r in results]
     assert cells["img_r1 ↑"][0].startswith(f"{statistics.mean(values):.2f} ± ")
+
+
+@pytest.mark.browser
+def test_the_page_renders_with_its_plots_and_tables(browser, screenshots, page):
+    view = browser.new_page(viewport={"width": 1300, "height": 1000})
+    view.goto(page.as_uri())
+    sizes = view.eval_on_selector_all("img.plot", "imgs => imgs.map(i => [i.complete, i.naturalWidth, "
+                                      "i.getBoundingClientRect().width, i.getBoundingClientRect().height])")
+    assert len(sizes) == 2 and all(done and natural > 0 and w > 0 and h > 0 for done, natural, w, h in sizes), sizes
+    for table in ("#runs", "#metrics", "#config", "table.ablation"):
+        assert view.locator(f"{table} tbody tr").count() >= 2, table
+    assert view.locator("table.ablation b").count() == 2           # one best cell per column
+    for path in (screenshots / "report.png", Path("/tmp/report.png")):
+        view.screenshot(path=str(path), full_page=True)
+    print(f"screenshot: {screenshots / 'report.png'}")
+    view.close()

@@ -316,19 +316,6 @@ def test_a_malformed_request_gets_an_error_not_a_traceback(server):
 
 
 # --- the page in a browser -----------------------------------------------------------------------------------------
-def chromium() -> str | None:
-    for name in ("chromium", "chromium-browser", "google-chrome"):
-        if path := shutil.which(name):
-            return path
-    return None
-
-
-def screenshots_folder(tmp_path: Path) -> Path:
-    folder = Path(os.environ.get("VLPT_SCREENSHOTS") or tmp_path / "screenshots")
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
-
-
 def files(folders: list[Path]) -> set[Path]:
     return {p for folder in folders for p in folder.rglob("*") if "__pycache__" not in p.parts}
 
@@ -370,26 +357,10 @@ def served(pretrained, shapes_data, tmp_path_factory):
         proc.kill()
 
 
-@pytest.fixture(scope="module")
-def browser():
-    path = chromium()
-    if path is None:
-        pytest.skip("browser tests skipped: no chromium on PATH (apt-get install chromium; make test installs it "
-                    "where it can)")
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        pytest.skip("browser tests skipped: playwright is not installed (pip install 'vlpt[test]')")
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=path, args=["--no-sandbox", "--disable-gpu"])
-        yield b
-        b.close()
-
-
 @pytest.mark.browser
-def test_the_page_searches_looks_and_reports_bad_uploads(browser, served, demo, tmp_path):
+def test_the_page_searches_looks_and_reports_bad_uploads(browser, screenshots, served, demo, tmp_path):
     url, captions, written = served
-    shots = screenshots_folder(tmp_path)
+    shots = screenshots
     page = browser.new_page(viewport={"width": 1280, "height": 1000})
     page.set_default_timeout(60_000)
     page.goto(url)

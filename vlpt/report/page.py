@@ -29,12 +29,15 @@ NOT_PLOTTED = ("step", "time", "skipped_images", "bad_steps")
 
 
 def number(value) -> str:
-    """A metric as the page shows it: integers as they are, floats to 2 decimals (4 significant digits below 1)."""
+    """A metric as the page shows it: integers as they are, floats to 2 decimals, 4 below 1, 3 significant digits
+    below 0.001."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return "-" if value is None else str(value)
     if isinstance(value, int):
         return str(value)
-    return f"{value:.2f}" if value == 0 or abs(value) >= 1 else f"{value:.4g}"
+    if value == 0 or abs(value) >= 1:
+        return f"{value:.2f}"
+    return f"{value:.4f}" if abs(value) >= 1e-3 else f"{value:.3g}"
 
 
 def cell(value: str, tag: str = "td", cls: str = "", bold: bool = False) -> str:
