@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 
 import vlpt.cli
@@ -13,6 +14,31 @@ TINY = ["model.vision.image_size=32", "model.vision.patch_size=8", "model.vision
         "model.text.text_layers=1", "model.text.fusion_layers=1", "model.text.max_len=24", "method.embed_dim=16",
         "method.queue_size=64", "data.batch_size=8", "data.num_workers=0", "train.progress=false",
         "train.device=cpu", "train.precision=fp32", "train.threads=1", "optim.warmup_steps=2"]
+
+
+@dataclass(frozen=True)
+class TinyMethod:
+    """A method as the tests that train it across engine modes run it: its tiny preset, overrides that shrink it
+    further (on top of TINY), and the losses it logs."""
+    preset: str
+    extra: tuple[str, ...] = ()
+    losses: tuple[str, ...] = ("itc", "itm", "mlm")
+
+
+METHODS = {
+    "albef": TinyMethod(CONFIG),
+    "simla": TinyMethod("pretrain/simla_tiny.yaml", ("method.simla.mim_min_block=1", "method.simla.tokens.codes=16"),
+                        ("itc", "itm", "mlm", "mim", "psl")),
+    "semmim": TinyMethod("pretrain/semmim_tiny.yaml", (
+        "model.vision.depth=2", "method.semmim.head.codes=64", "method.semmim.head.hidden=32",
+        "method.semmim.head.bottleneck=16", "method.semmim.tokens.codes=16"), ("itc", "itm", "mlm", "cls", "patch", "plm")),
+}
+
+
+def method_config(name: str, root: Path, out: Path, *extra: str):
+    """`config` of METHODS[name]: its preset and overrides, then `extra`."""
+    m = METHODS[name]
+    return config(root, out, *m.extra, *extra, preset=m.preset)
 
 
 def overrides(root: Path, out: Path, *extra: str) -> list[str]:

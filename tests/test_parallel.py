@@ -19,7 +19,7 @@ from vlpt.engine import checkpoint, parallel
 from vlpt.engine.logging import read_metrics
 from vlpt.engine.optim import build_optimizer
 from vlpt.pretrain import pretrain as train
-from helpers import CONFIG, config, overrides
+from helpers import METHODS, config, method_config, overrides
 
 LOSSES = ("itc", "itm", "mlm")
 STEPS = ["train.steps=4", "train.save_every=2", "train.log_every=1", "optim.lr=0.001"]
@@ -35,13 +35,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(root: Path, out: Path, *extra: str, nproc: int = 2, preset: str = CONFIG) -> None:
+def torchrun(root: Path, out: Path, *extra: str, nproc: int = 2, preset: str = METHODS["albef"].preset) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "PYTHONWARNINGS": "ignore"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr",
            "127.0.0.1", "--master-port", str(free_port()), "-m", "vlpt", "pretrain", "--config", preset,
            *overrides(root, out, *extra)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+
+
+def torchrun_method(method: str, root: Path, out: Path, *extra: str) -> None:
+    """`torchrun` of METHODS[method]: its preset and overrides, then `extra`."""
+    torchrun(root, out, *METHODS[method].extra, *extra, preset=METHODS[method].preset)
 
 
 def roll_back(run: Path, copy: Path, step: int) -> Path:
@@ -84,9 +89,17 @@ def assert_same_training(a: Path, b: Path, steps, atol: float, losses=LOSSES, te
 
 
 @pytest.fixture(scope="module")
-def one_process(shapes_data, tmp_path_factory) -> Path:
-    """The reference: one process, global batch 8, 4 steps, checkpoints at 2 and 4."""
-    return train(config(shapes_data, tmp_path_factory.mktemp("one") / "run", *STEPS))
+def reference(shapes_data, tmp_path_factory):
+    """`reference(method, *extra)`: the run every mode must reproduce, one process of METHODS[method] with global
+    batch 8, 4 steps, checkpoints at 2 and 4 (and `extra`); trained once per module."""
+    runs = {}
+
+    def run(method: str, *extra: str) -> Path:
+        if (method, extra) not in runs:
+            out = tmp_path_factory.mktemp(f"one_{method}") / "run"
+            runs[method, extra] = train(method_config(method, shapes_data, out, *STEPS, *extra))
+        return runs[method, extra]
+    return run
 
 
 @pytest.fixture(scope="module")
@@ -99,29 +112,29 @@ def shard_data(shapes_data, tmp_path_factory) -> str:
     return f"data.train={out}/{{000000..{n - 1:06d}}}.tar"
 
 
-@pytest.fixture(scope="module")
-def one_process_shards(shapes_data, shard_data, tmp_path_factory) -> Path:
-    return train(config(shapes_data, tmp_path_factory.mktemp("one_shards") / "run", *STEPS, shard_data))
-
-
-@pytest.mark.parametrize("mode, data", [("ddp", "json"), ("fsdp", "json"), ("fsdp", "shards")])
-def test_two_processes_match_one_and_resume_exactly(mode, data, shapes_data, tmp_path, request):
-    """2 gloo ranks with 4 samples each = 1 process with 8 (losses at every step, weights, teacher and queues); a
+@pytest.mark.parametrize("method, mode, data", [
+    ("albef", "ddp", "json"), ("albef", "fsdp", "json"), ("albef", "fsdp", "shards"),
+    ("simla", "ddp", "json"), ("simla", "fsdp", "json"), ("semmim", "ddp", "json"), ("semmim", "fsdp", "json")])
+def test_two_processes_match_one_and_resume_exactly(method, mode, data, shapes_data, reference, tmp_path, request):
+    """2 gloo ranks with 4 samples each = 1 process with 8 (every loss at every step, weights, teacher and queues); a
     2-rank run killed after its step-2 checkpoint and resumed ends bitwise equal to the uninterrupted one. From the
-    JSON annotations, and from WebDataset shards."""
-    reference = request.getfixturevalue("one_process" if data == "json" else "one_process_shards")
-    extra = [*STEPS, "data.batch_size=4", f"train.parallel={mode}"]
-    if data == "shards":
-        extra.append(request.getfixturevalue("shard_data"))
+    JSON annotations, and from WebDataset shards. SIMLA: the single stream sharded by layer, its k-means tokenizer
+    fitted on the gathered first batch, BEiT block masks drawn for the global batch and sliced by rank, MIM's masked
+    count averaged over ranks. SemMIM: the decoder's layers sharded, second views seeded by draw, text-guided masks
+    and prefix splits drawn for the global batch, masked-patch and suffix-token counts averaged over ranks, the
+    teacher centres (in the weights) over the global batch."""
+    data = [request.getfixturevalue("shard_data")] if data == "shards" else []
+    losses = METHODS[method].losses
+    extra = [*STEPS, *data, "data.batch_size=4", f"train.parallel={mode}"]
     two = tmp_path / "two"
-    torchrun(shapes_data, two, *extra)
+    torchrun_method(method, shapes_data, two, *extra)
     assert [r["step"] for r in read_metrics(two)] == [1, 2, 3, 4]
-    assert_same_training(reference, two, [1, 2, 3, 4], atol=1e-5)
+    assert_same_training(reference(method, *data), two, [1, 2, 3, 4], atol=1e-5, losses=losses)
 
     resumed = roll_back(two, tmp_path / "resumed", 2)
-    torchrun(shapes_data, resumed, *extra, "train.resume=latest")
+    torchrun_method(method, shapes_data, resumed, *extra, "train.resume=latest")
     assert [r["step"] for r in read_metrics(resumed)] == [1, 2, 3, 4]
-    assert_same_training(two, resumed, [3, 4], atol=0)
+    assert_same_training(two, resumed, [3, 4], atol=0, losses=losses)
     state = checkpoint.load_state(checkpoint.resolve(resumed))
     assert state["step"] == 4 and len(state["rng"]) == 2  # one RNG state per rank
     assert all(isinstance(name, str) for name in state["optimizer"]["state"])  # keyed by parameter name
@@ -161,16 +174,19 @@ def test_codis_and_maskvlm_under_ddp_match_one_process(preset, extra, metrics, s
                          teacher="codis" in preset)
 
 
-def test_a_checkpoint_resumes_under_another_mode(one_process, shapes_data, tmp_path):
+@pytest.mark.parametrize("method", ["albef", "simla", "semmim"])
+def test_a_checkpoint_resumes_under_another_mode(method, reference, shapes_data, tmp_path):
     """One format for every mode: the single process's step-2 checkpoint resumed by 2 FSDP ranks continues as the
     single process did."""
-    resumed = roll_back(one_process, tmp_path / "resumed", 2)
-    torchrun(shapes_data, resumed, *STEPS, "data.batch_size=4", "train.parallel=fsdp", "train.resume=latest")
-    assert_same_training(one_process, resumed, [3, 4], atol=1e-5)
+    one = reference(method)
+    resumed = roll_back(one, tmp_path / "resumed", 2)
+    torchrun_method(method, shapes_data, resumed, *STEPS, "data.batch_size=4", "train.parallel=fsdp",
+                    "train.resume=latest")
+    assert_same_training(one, resumed, [3, 4], atol=1e-5, losses=METHODS[method].losses)
 
 
-def tiny_model(*extra: str):
-    cfg = config(Path("."), Path("."), "model.text.dropout=0.1", "model.vision.drop_path=0.1", *extra)
+def tiny_model(*extra: str, method: str = "albef"):
+    cfg = method_config(method, Path("."), Path("."), "model.text.dropout=0.1", "model.vision.drop_path=0.1", *extra)
     torch.manual_seed(0)
     return methods.build(cfg, 40), cfg
 
@@ -184,7 +200,7 @@ def tiny_batch(n: int = 4, length: int = 12) -> dict:
     labels[0, 1] = ids[0, 1]
     return {"image": torch.randn(n, 3, 32, 32, generator=gen), "text_ids": ids,
             "text_mask": torch.ones_like(ids), "image_id": torch.arange(n), "mlm_ids": torch.where(labels >= 0, 4, ids),
-            "mlm_labels": labels}
+            "mlm_labels": labels, "image_view2": torch.randn(n, 3, 32, 32, generator=gen)}  # SemMIM's second view
 
 
 def gradients(model, batch: dict) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -228,17 +244,28 @@ def test_each_rank_draws_its_own_dropout_and_rank_0_keeps_one_process_stream(mon
     assert len({tuple(d.tolist()) for d in split}) == 3
 
 
-def test_grad_checkpointing_gives_the_same_losses_and_gradients():
-    """Recomputation replays dropout and drop-path with the saved RNG state: the same step, less memory."""
+@pytest.mark.parametrize("method", ["albef", "simla", "semmim"])
+def test_grad_checkpointing_gives_the_same_losses_and_gradients(method, monkeypatch):
+    """Recomputation replays dropout and drop-path with the saved RNG state: the same step, less memory. Every
+    student block is recomputed (SIMLA's one stack, SemMIM's decoder included), no teacher module is set to."""
+    from vlpt.models import text
     batch = tiny_batch()
-    plain, _ = tiny_model()
-    recomputed, _ = tiny_model()
+    plain, _ = tiny_model(method=method)
+    recomputed, _ = tiny_model(method=method)
     recomputed.set_grad_checkpointing()
-    assert recomputed.backbone.vision.grad_checkpointing and recomputed.backbone.text.grad_checkpointing
-    assert recomputed.backbone.fusion.grad_checkpointing and not recomputed.teacher["backbone"].text.grad_checkpointing
+    assert not any(getattr(m, "grad_checkpointing", False) for m in recomputed.teacher.modules())
     losses_a, grads_a = gradients(plain, batch)
+    checkpointed, run = [], text.checkpoint
+
+    def recording(layer, *args, **kwargs):
+        checkpointed.append(layer)
+        return run(layer, *args, **kwargs)
+    monkeypatch.setattr(text, "checkpoint", recording)
     losses_b, grads_b = gradients(recomputed, batch)
-    assert losses_a.keys() == losses_b.keys() == set(LOSSES)
+    teacher = {id(m) for m in recomputed.teacher.modules()}
+    student = {id(b) for b in recomputed.blocks()} - teacher  # the blocks FSDP and compile act on
+    assert {id(b) for b in checkpointed} == student
+    assert losses_a.keys() == losses_b.keys() and set(METHODS[method].losses) <= losses_a.keys()
     for k in losses_a:
         torch.testing.assert_close(losses_b[k], losses_a[k], rtol=0, atol=1e-6)
     assert grads_a.keys() == grads_b.keys() and len(grads_a) > 20
@@ -279,9 +306,10 @@ def test_checkpoints_with_a_scalar_temperature_still_load():
 
 
 @pytest.mark.slow
-def test_compiled_blocks_train_as_eager_ones(shapes_data, tmp_path):
+@pytest.mark.parametrize("method", ["albef", "simla", "semmim"])
+def test_compiled_blocks_train_as_eager_ones(method, shapes_data, tmp_path):
     """train.compile=true (each block compiled, dynamic text lengths and masked-token counts) trains the same steps."""
-    eager = train(config(shapes_data, tmp_path / "eager", "train.steps=3", "train.log_every=1", "optim.lr=0.001"))
-    compiled = train(config(shapes_data, tmp_path / "compiled", "train.steps=3", "train.log_every=1",
-                            "optim.lr=0.001", "train.compile=true"))
-    assert_same_training(eager, compiled, [1, 2, 3], atol=1e-4)
+    common = ["train.steps=3", "train.log_every=1", "optim.lr=0.001"]
+    eager = train(method_config(method, shapes_data, tmp_path / "eager", *common))
+    compiled = train(method_config(method, shapes_data, tmp_path / "compiled", *common, "train.compile=true"))
+    assert_same_training(eager, compiled, [1, 2, 3], atol=1e-4, losses=METHODS[method].losses)

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import TINY, pair_batch
+from helpers import METHODS, TINY, pair_batch
 from vlpt import methods
 from vlpt.config import load_config
 from vlpt.data.masking import sample_patches
@@ -18,8 +18,7 @@ from vlpt.objectives.prefix_lm import split_caption, split_points
 
 VOCAB = 40
 PRESET = "configs/pretrain/semmim_tiny.yaml"
-SMALL = [*TINY, "model.vision.depth=2", "method.semmim.head.codes=64", "method.semmim.head.hidden=32",
-         "method.semmim.head.bottleneck=16", "method.semmim.tokens.codes=16"]
+SMALL = [*TINY, *METHODS["semmim"].extra]  # DDP, FSDP, resume, compile, checkpointing: test_parallel.py
 
 
 def _semmim(*over):
@@ -298,22 +297,3 @@ def test_compare_methods_runs_semmim_rows(shapes_data, tmp_path, capsys):
                           "--device", "cpu", "--out", str(tmp_path), *SMALL])
     out = capsys.readouterr().out
     assert "| semmim |" in out and "| semmim:tokens |" in out
-
-
-def test_two_ddp_ranks_equal_one_process(shapes_data, tmp_path):
-    """2 ranks of 4 = 1 process of 8: second views seeded by draw, masks and prefix splits drawn for the global batch
-    and sliced by rank, masked-patch and suffix-token counts averaged over ranks, teacher centres over the global
-    batch: every loss at every step, and the weights (teacher and centres included)."""
-    from test_parallel import STEPS, assert_same_training, torchrun, weights
-    from helpers import config
-    extra = [*STEPS, *SMALL[len(TINY):]]
-    reference = train_run(config(shapes_data, tmp_path / "one", *extra, preset=PRESET))
-    two = tmp_path / "two"
-    torchrun(shapes_data, two, *extra, "data.batch_size=4", preset=PRESET)
-    assert_same_training(reference, two, [1, 2, 3, 4], atol=1e-5, losses=("itc", "itm", "mlm", "cls", "patch", "plm"))
-    assert torch.allclose(weights(reference, 4)["centers.cls.value"], weights(two, 4)["centers.cls.value"], atol=1e-5)
-
-
-def train_run(cfg):
-    from vlpt.pretrain import pretrain
-    return pretrain(cfg)

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import TINY, pair_batch
+from helpers import METHODS, TINY, pair_batch
 from vlpt import methods
 from vlpt.config import load_config
 from vlpt.data.masking import IGNORE, mask_image_blocks
@@ -20,7 +20,7 @@ from vlpt.objectives.pseudo_label import keyword_positions, keyword_targets, psl
 
 VOCAB = 40
 PRESET = "configs/pretrain/simla_tiny.yaml"
-SMALL = [*TINY, "method.simla.mim_min_block=1", "method.simla.tokens.codes=16"]
+SMALL = [*TINY, *METHODS["simla"].extra]  # DDP, FSDP, resume, compile, checkpointing: test_parallel.py
 
 
 def _simla(*over):
@@ -391,19 +391,6 @@ def test_tokenizer_train_image_writes_a_codebook_the_preset_reads(shapes_data, t
     saved = PatchKMeans(16, 8)
     saved.load(path)
     assert torch.equal(model.visual_tokens.kmeans.codebook, saved.codebook)
-
-
-def test_two_ddp_ranks_equal_one_process(shapes_data, tmp_path):
-    """2 ranks of 4 = 1 process of 8: the k-means tokenizer fitted on the gathered first batch, BEiT masks drawn for
-    the global batch and sliced, MIM's masked-token count averaged over ranks, PSL per rank: every loss, the weights."""
-    from test_parallel import STEPS, assert_same_training, torchrun
-    from vlpt.pretrain import pretrain as train
-    extra = [*STEPS, "method.simla.mim_min_block=1", "method.simla.tokens.codes=16"]
-    reference = train(load_config(PRESET, [*TINY, f"data.root={shapes_data}", f"train.out={tmp_path / 'one'}",
-                                           *extra]))
-    torchrun(shapes_data, tmp_path / "two", *extra, "data.batch_size=4", preset=PRESET)
-    assert_same_training(reference, tmp_path / "two", [1, 2, 3, 4], atol=1e-5,
-                         losses=("itc", "itm", "mlm", "mim", "psl"))
 
 
 def test_base_preset_has_the_papers_settings():

@@ -134,8 +134,8 @@ class SemMIM(Method):
     def batch_needs(cls, m) -> set[str]:
         return super().batch_needs(m) | ({"image_view2"} if {"cls", "patch"} & set(m.losses) else set())
 
-    def blocks(self) -> list[nn.Module]:
-        return [*super().blocks(), *(self.decoder.layers if self.decoder is not None else [])]
+    def block_owners(self) -> list[nn.Module]:
+        return [*super().block_owners(), *([self.decoder] if self.decoder is not None else [])]
 
     def center(self, kind: str) -> torch.Tensor | None:
         c = self.centers[kind] if kind in self.centers else self.centers["all"] if "all" in self.centers else None

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlpt.config import TextConfig
-from vlpt.models.text import Embeddings, Layer, MLMHead, TextEncoder, init_bert_
+from vlpt.models.text import Embeddings, Layer, MLMHead, TextEncoder, init_bert_, run_layer
 
 IGNORE = -100
 
@@ -49,10 +49,13 @@ class Decoder(nn.Module):
             mine.load_state_dict({k: v for k, v in theirs.state_dict().items() if v.shape == shapes[k]}, strict=False)
         return min(len(self.layers), len(fusion_layers))
 
+    grad_checkpointing = False
+    set_grad_checkpointing = TextEncoder.set_grad_checkpointing
+
     def forward(self, ids, mask, context, context_mask=None) -> torch.Tensor:
         x = self.embeddings(ids)
         for layer in self.layers:
-            x = layer(x, mask, context, context_mask, causal=True)
+            x = run_layer(layer, self.grad_checkpointing, x, mask, context, context_mask, causal=True)
         return self.head(x, self.embeddings.word.weight)
 
     def token_losses(self, ids, mask, context, context_mask=None, *, label_smoothing: float = 0.0,
