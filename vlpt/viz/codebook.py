@@ -5,13 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from vlpt.data.annotations import load_image
 from vlpt.data.transforms import denormalize, image_transform
 from vlpt.objectives.masked_image import patchify
+from vlpt.viz.figures import save_figure, show
 from vlpt.viz.registry import require
 from vlpt.data.loader import ImageFiles
 
@@ -40,10 +40,13 @@ def usage(indices: torch.Tensor, size: int) -> dict[str, float]:
 def save_codebook_grid(model, paths: list[Path], out: str | Path, *, image_size: int, codewords: int = 8,
                        patches: int = 10, seed: int = 0, batch_size: int = 256, device="cpu",
                        num_workers: int = 0) -> tuple[Path, list[int], dict[str, float]]:
-    """CB-ViLA Fig. 3: `codewords` codewords drawn at random among those in use, one row each, showing up to `patches`
-    randomly drawn image patches quantised to it. Returns the PNG path, the codewords (rows, top to bottom) and the
-    usage over `paths`."""
-    from torchvision.utils import save_image
+    """CB-ViLA Fig. 3: `codewords` codewords drawn at random among those in use, one row each (labelled with its
+    id and how many of the patches it stands for), showing up to `patches` randomly drawn image patches quantised to
+    it, each headed by its image's file. Returns the PNG path, the codewords (rows, top to bottom) and the usage
+    over `paths`."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
 
     indices = assign_codewords(model, paths, image_size=image_size, batch_size=batch_size, device=device,
                                num_workers=num_workers)
@@ -51,23 +54,22 @@ def save_codebook_grid(model, paths: list[Path], out: str | Path, *, image_size:
     gen = torch.Generator().manual_seed(seed)
     in_use = torch.unique(indices)
     rows = in_use[torch.randperm(len(in_use), generator=gen)[:codewords]].sort().values.tolist()
-    picks = []  # (row, image, patch)
+    p = model.cfg.model.vision.patch_size
+    transform = image_transform(image_size)
+    fig, axes = plt.subplots(len(rows), patches, figsize=(1.0 * patches + 1.2, 1.15 * len(rows) + 0.8),
+                             squeeze=False)
     for row, code in enumerate(rows):
         where = (indices == code).nonzero()
-        for image, patch in where[torch.randperm(len(where), generator=gen)[:patches]].tolist():
-            picks.append((row, image, patch))
-    p = model.cfg.model.vision.patch_size
-    scale = max(1, 48 // p)  # small patches are enlarged (nearest neighbour) so they can be seen
-    tiles = torch.ones(len(rows) * patches, 3, p * scale, p * scale)
-    column = [0] * len(rows)
-    transform = image_transform(image_size)
-    for image in sorted({i for _, i, _ in picks}):
-        pixels = patchify(denormalize(transform(load_image(paths[image])))[None], p)[0]
-        for row, _, patch in (pick for pick in picks if pick[1] == image):
-            tile = pixels[patch].view(p, p, 3).permute(2, 0, 1)[None]
-            tiles[row * patches + column[row]] = F.interpolate(tile, scale_factor=scale, mode="nearest")[0]
-            column[row] += 1
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_image(tiles, out, nrow=patches, padding=2, pad_value=1.0)
-    return out, rows, usage(indices, size)
+        for col, (image, patch) in enumerate(where[torch.randperm(len(where), generator=gen)[:patches]].tolist()):
+            pixels = patchify(denormalize(transform(load_image(paths[image])))[None], p)[0]
+            show(axes[row, col], pixels[patch].view(p, p, 3).permute(2, 0, 1), Path(paths[image]).stem, size=6)
+        for ax in axes[row, len(where):]:
+            ax.axis("off")
+        axes[row, 0].set_ylabel(f"codeword {code}\n{len(where)} patch{'' if len(where) == 1 else 'es'}",
+                                fontsize=8, rotation=0, ha="right", va="center")
+    used = usage(indices, size)
+    out = save_figure(fig, out, f"CB-ViLA codebook: patches of {len(paths)} images quantised to {len(rows)} "
+                      f"codewords drawn at random (row: codeword id, patches it stands for; tile: its image)\n"
+                      f"{used['codebook_used']} of {size} codewords in use, perplexity "
+                      f"{used['codebook_perplexity']:.1f}", dpi=110, title_size=9)
+    return out, rows, used

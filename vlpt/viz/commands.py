@@ -23,9 +23,12 @@ class Reconstruction(Visualization):
         from vlpt.viz.reconstruction import masked_l1, save_reconstructions
         data = Path(args.data or cfg.data.root)
         size, max_len = cfg.model.vision.image_size, cfg.model.text.max_len
-        out = save_reconstructions(model, tokenizer, data / (args.annotation or cfg.data.train), data, args.out,
-                                   image_size=size, max_len=max_len, n=args.n, seed=args.seed, device=device)
-        line = f"wrote {out} (columns: original, masked, reconstructed)"
+        out, rows = save_reconstructions(model, tokenizer, data / (args.annotation or cfg.data.train), data,
+                                         args.out, image_size=size, max_len=max_len, n=args.n, seed=args.seed,
+                                         device=device)
+        line = "\n".join([f"wrote {out} (columns: original, masked, reconstructed)"]
+                          + [f'  "{r["caption"]}": {r["masked"]} of {r["patches"]} patches masked, masked-pixel '
+                             f'L1 {r["l1"]:.4f}' for r in rows])
         if args.l1:
             l1 = masked_l1(model, tokenizer, data / args.l1, data, image_size=size, max_len=max_len, seed=args.seed,
                            device=device)
@@ -92,5 +95,6 @@ class GradCAM(Visualization):
         n = int(mask.sum())
         words = [tokenizer.decode([i]) for i in ids[0, 1:n - 1].tolist()]  # [CLS] and [SEP] not drawn
         out = save_gradcam(picture, words, cams[0, 1:n - 1], caption_map(cams, mask)[0], args.out,
-                           title=f'"{args.text}"  ITM match {match:.3f}  (fusion layer {args.layer})')
+                           title=f'Grad-CAM on fusion layer {args.layer}\'s cross-attention, per word and averaged: '
+                           f'"{args.text}", ITM match {match:.3f}')
         return f"wrote {out}: the map of each word and their average; ITM match probability {match:.3f}"

@@ -26,3 +26,25 @@ def png_bytes(fig, dpi: int = 100) -> bytes:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=dpi)
     return buffer.getvalue()
+
+
+def show(ax, image, title: str = "", below: str = "", size: int = 8) -> None:
+    """`image` (a PIL image, an (H,W,3) array, or a (3,H,W) tensor in [0,1]) on `ax` without smoothing, each pixel
+    a block however far it is enlarged; no ticks; `title` above it and `below` under it."""
+    import numpy as np
+
+    if hasattr(image, "permute"):
+        image = image.detach().cpu().clamp(0, 1).permute(1, 2, 0).numpy()
+    ax.imshow(np.asarray(image), interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if title:
+        ax.set_title(title, fontsize=size)
+    if below:
+        ax.set_xlabel(below, fontsize=size)
+
+
+def quoted(text: str, width: int = 40) -> str:
+    """A caption in quotes, wrapped to lines of `width` characters."""
+    import textwrap
+    return textwrap.fill(f'"{text}"', width)

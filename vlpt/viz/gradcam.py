@@ -12,7 +12,7 @@ import torch
 
 from vlpt.errors import VlptError
 from vlpt.models.text import capture_attention
-from vlpt.viz.figures import save_figure
+from vlpt.viz.figures import save_figure, show
 
 
 def gradcam(method, image_tokens: torch.Tensor, text_hidden: torch.Tensor, text_mask: torch.Tensor,
@@ -55,14 +55,13 @@ def save_gradcam(picture, words: list[str], cams: torch.Tensor, average: torch.T
     panels = [("image", None), ("average", average), *zip(words, cams)]
     cols = min(len(panels), 6)
     rows = math.ceil(len(panels) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.4 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.6 * rows + 0.3), squeeze=False)
     width, height = picture.size
     picture = np.asarray(picture)
     for ax, (name, cam) in zip(axes.flat, panels):
-        ax.imshow(picture)
+        show(ax, picture, name, size=9)
         if cam is not None:
             ax.imshow(upsample(cam[None].detach().cpu(), height, width)[0].numpy(), cmap="jet", alpha=0.5)
-        ax.set_title(name, fontsize=9)
-    for ax in axes.flat:
+    for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     return save_figure(fig, out, title)

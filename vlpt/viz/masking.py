@@ -3,14 +3,12 @@ text-guided mask (patches drawn with probabilities softmax(patch-text similarity
 a random mask of the same ratio; `vlpt visualize masking`."""
 from __future__ import annotations
 
-import math
-import textwrap
 from pathlib import Path
 
 import torch
 
 from vlpt.viz.registry import Visualization, add_pair_arguments, first_pairs, register, require
-from vlpt.viz.figures import save_figure
+from vlpt.viz.figures import quoted, save_figure, show
 
 
 @torch.no_grad()
@@ -42,27 +40,26 @@ def save_masking(pictures, captions: list[str], rows: dict, out: str | Path, tit
     import numpy as np
 
     n = len(captions)
-    fig, axes = plt.subplots(n, 3, figsize=(9.0, 3.2 * n), squeeze=False)
+    fig, axes = plt.subplots(n, 3, figsize=(9.0, 3.5 * n), squeeze=False)
     for i, (picture, caption) in enumerate(zip(pictures, captions)):
         width, height = picture.size
         image = np.asarray(picture.convert("RGB"))
+        extent = (-0.5, width - 0.5, height - 0.5, -0.5)  # the image's own pixel edges
         for j, (name, mask) in enumerate((("", None), ("text-guided", rows["guided"][i]),
                                           ("random", rows["random"][i]))):
             ax = axes[i, j]
-            ax.imshow(image)
+            show(ax, image, quoted(caption, 36) if mask is None else "")
             if mask is not None:
                 gh, gw = mask.shape
+                label = f"{name} mask: {int(mask.sum())} of {gh * gw} patches (dark)"
                 if j == 1:  # the similarity map under the text-guided mask
-                    ax.imshow(rows["similarity"][i].numpy(), cmap="viridis", alpha=0.45,
-                              extent=(0, width, height, 0), interpolation="nearest")
+                    ax.imshow(rows["similarity"][i].numpy(), cmap="viridis", alpha=0.45, extent=extent,
+                              interpolation="nearest")
+                    label += "\nover the patch-text similarity (yellow: high)"
                 shade = np.zeros((gh, gw, 4))
                 shade[mask.numpy()] = (0.0, 0.0, 0.0, 0.75)
-                ax.imshow(shade, extent=(0, width, height, 0), interpolation="nearest")
-                ax.set_title(f"{name} mask ({int(mask.sum())} of {gh * gw})", fontsize=8)
-            else:
-                ax.set_title(textwrap.fill(f'"{caption}"', 36), fontsize=8)
-            ax.set_xticks([])
-            ax.set_yticks([])
+                ax.imshow(shade, extent=extent, interpolation="nearest")
+                ax.set_title(label, fontsize=8)
     return save_figure(fig, out, title, dpi=110, title_size=9)
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from vlpt.viz.registry import Visualization, add_pair_arguments, first_pairs, register, require
-from vlpt.viz.figures import save_figure
+from vlpt.viz.figures import quoted, save_figure, show
 
 
 @torch.no_grad()
@@ -68,17 +68,14 @@ def save_pseudo_labels(pictures, rows: list[dict], out: str | Path, title: str =
     n_rows = math.ceil(len(rows) / cols)
     fig, axes = plt.subplots(n_rows, cols, figsize=(3.6 * cols, 5.0 * n_rows), squeeze=False)
     for i, (ax, picture, row) in enumerate(zip(axes.flat, pictures, rows)):
-        ax.imshow(picture)
+        predicted = ", ".join(f"{w} {p:.2f}" for w, p in row["predicted"])
+        shown = "" if cams is None else f'\nmap: Grad-CAM of "{row["predicted"][0][0]}"'
+        show(ax, picture, quoted(row["caption"]), textwrap.fill(f'keywords: {", ".join(row["keywords"]) or "-"}', 44)
+             + "\n" + textwrap.fill(f"concept head: {predicted}", 44) + shown)
         if cams is not None:
             from vlpt.viz.gradcam import upsample
             width, height = picture.size
             ax.imshow(upsample(cams[i:i + 1].cpu(), height, width)[0].numpy(), cmap="jet", alpha=0.45)
-        predicted = ", ".join(f"{w} {p:.2f}" for w, p in row["predicted"])
-        ax.set_title(textwrap.fill(f'"{row["caption"]}"', 40), fontsize=8)
-        ax.set_xlabel(textwrap.fill(f'keywords: {", ".join(row["keywords"]) or "-"}', 44) + "\n"
-                      + textwrap.fill(f"concept head: {predicted}", 44), fontsize=8)
-        ax.set_xticks([])
-        ax.set_yticks([])
     for ax in list(axes.flat)[len(rows):]:
         ax.axis("off")
     return save_figure(fig, out, title)
