@@ -49,3 +49,13 @@ def screenshots(tmp_path) -> Path:
     folder = Path(os.environ.get("VLPT_SCREENSHOTS") or tmp_path / "screenshots")
     folder.mkdir(parents=True, exist_ok=True)
     return folder
+
+
+@pytest.fixture(scope="session")
+def semmim_checkpoint(shapes_data, tmp_path_factory) -> Path:
+    """A tiny SemMIM run (helpers.METHODS["semmim"]) of 2 steps, its prefix-LM decoder included: what captioning and
+    VQA finetune from."""
+    from helpers import method_config
+    from vlpt.pretrain import pretrain
+    out = tmp_path_factory.mktemp("pre") / "semmim"
+    return pretrain(method_config("semmim", shapes_data, out, "train.steps=2", "train.save_every=2"))

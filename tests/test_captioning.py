@@ -1,5 +1,5 @@
 """Captioning: the prompt outside the loss, label smoothing, scores through pycocoevalcap against hand-checkable
-cases, and the finetune / evaluate path with its captions file."""
+cases, SemMIM's pretrained decoder over the fused image, and the finetune / evaluate path with its captions file."""
 from __future__ import annotations
 
 import json
@@ -7,12 +7,14 @@ import math
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from vlpt import methods
 from vlpt.cli import main
+from vlpt.engine import checkpoint
 from vlpt.pretrain import pretrain
 from vlpt.tasks import captioning
-from helpers import TINY, config
+from helpers import METHODS, TINY, config
 
 
 def test_a_prediction_equal_to_a_reference_scores_full_bleu_and_a_wrong_one_none():
@@ -73,13 +75,44 @@ def pretrained(shapes_data, tmp_path_factory):
     return out
 
 
-def test_captioning_finetunes_and_writes_its_captions(pretrained, shapes_data, tmp_path):
+def test_semmim_captions_with_its_pretrained_decoder_over_the_fused_image(semmim_checkpoint, shapes_data):
+    """SemMIM's captioner is its prefix-LM decoder, the module and weights pretraining saved (kept once, under the
+    method's keys), cross-attending to the fusion encoder's states of the image and the empty prefix [CLS] [SEP]."""
+    method, _, _ = checkpoint.load_method(semmim_checkpoint)
+    _, cfg, tokenizer = checkpoint.open_checkpoint(semmim_checkpoint, task="caption")
+    task = captioning.Captioning(cfg, tokenizer, torch.device("cpu"))
+    model = task.build(method).eval()
+    assert model.decoder is method.decoder and method.pretrained_decoder() is method.decoder
+    saved = load_file(str(checkpoint.resolve(semmim_checkpoint) / checkpoint.WEIGHTS))
+    pretrained = {k.removeprefix("decoder."): v for k, v in saved.items() if k.startswith("decoder.")}
+    decoder = model.decoder.state_dict()
+    assert pretrained.keys() == decoder.keys() and all(torch.equal(decoder[k], v) for k, v in pretrained.items())
+    assert not any(k.startswith("decoder.") for k in model.state_dict())  # not a second copy beside method.decoder
+
+    image = torch.randn(2, 3, 32, 32)
+    ids = torch.tensor([[tokenizer.cls_id, tokenizer.sep_id]] * 2)
+    backbone, ones = method.backbone, torch.ones_like(ids)
+    with torch.no_grad():
+        fused = backbone.fuse(backbone.encode_image(image), backbone.encode_text(ids, ones), ones)
+        torch.testing.assert_close(model.context(image), fused, rtol=0, atol=0)
+    images, _ = captioning.references(shapes_data / "retrieval_test.json")
+    captions = task.generate(model, images[:3])
+    assert len(captions) == 3 and all(isinstance(c, str) for c in captions)
+
+
+@pytest.mark.parametrize("method, extra", [("albef", []), ("semmim", ["task.baseline_images=0"])],
+                         ids=["albef", "semmim"])
+def test_captioning_finetunes_and_writes_its_captions(method, extra, shapes_data, tmp_path, request):
+    """From ALBEF's checkpoint and, without the nearest-caption baseline (its scoring: seconds), from SemMIM's."""
+    pretrained = request.getfixturevalue("pretrained" if method == "albef" else "semmim_checkpoint")
+    model = [o for o in METHODS[method].extra if o.startswith("model.")]  # its method keys: from the checkpoint
     out = tmp_path / "cap"
     main(["finetune", "caption", "--config", "finetune/caption_tiny.yaml", "--checkpoint", str(pretrained), *TINY,
-          f"data.root={shapes_data}", f"train.out={out}", "train.steps=2", "train.eval_every=2",
-          "train.save_every=2", "eval.batch_size=16", "task.max_len=4", "task.min_len=2"])
+          *model, f"data.root={shapes_data}", f"train.out={out}", "train.steps=2", "train.eval_every=2",
+          "train.save_every=2", "eval.batch_size=16", "task.max_len=4", "task.min_len=2", *extra])
     metrics = json.loads((out / "metrics.json").read_text())
-    assert {"bleu4", "meteor", "rouge_l", "cider", "val_cider_bleu4", "nearest_cider", "nearest_bleu4"} <= set(metrics)
+    assert {"bleu4", "meteor", "rouge_l", "cider", "val_cider_bleu4"} <= set(metrics)
+    assert ({"nearest_cider", "nearest_bleu4"} <= set(metrics)) == (not extra)
     assert metrics["images"] == len(json.loads((shapes_data / "retrieval_test.json").read_text()))
     result = tmp_path / "eval" / "metrics.json"
     main(["evaluate", "caption", "--checkpoint", str(out), "--data", str(shapes_data), "--out", str(result),

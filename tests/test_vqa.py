@@ -1,4 +1,5 @@
-"""The answer decoder (causal, tied head, initialised from the fusion layers, greedy and beam search) and VQA on it:
+"""The answer decoder (causal, tied head, initialised from the fusion layers or SemMIM's pretrained one, greedy and
+beam search) and VQA on it:
 weighted and distilled answer losses against their formulas, rank inference against a direct computation, the
 finetune / evaluate path with its result file, and bad input."""
 from __future__ import annotations
@@ -14,10 +15,11 @@ from vlpt.cli import main
 from vlpt.config import load_config
 from vlpt.cli import find_config
 from vlpt.data.annotations import AnnotationError
+from vlpt.engine import checkpoint
 from vlpt.models.decoder import Decoder
 from vlpt.pretrain import pretrain
 from vlpt.tasks import vqa
-from helpers import TINY, cli_error, config
+from helpers import METHODS, TINY, cli_error, config
 
 
 def tiny_decoder(layers: int = 2, vocab: int = 30) -> Decoder:
@@ -148,6 +150,18 @@ def test_a_single_streams_decoder_copies_the_top_fusion_layers_of_its_stack(shap
         assert torch.equal(a, b), name
 
 
+def test_semmim_answers_with_its_pretrained_decoder_over_the_fused_question(semmim_checkpoint):
+    """SemMIM's answer decoder is its prefix-LM decoder (the question the prefix, the answer the suffix), kept once
+    under the method's keys; the task's momentum copy starts as it."""
+    method, _, _ = checkpoint.load_method(semmim_checkpoint)
+    pretrained = {k: v.clone() for k, v in method.decoder.state_dict().items()}
+    model = vqa.VQAModel(method, layers=0)
+    assert model.decoder is method.decoder and not any(k.startswith("decoder.") for k in model.state_dict())
+    teacher = model.teacher["decoder"].state_dict()
+    assert teacher.keys() == pretrained.keys() and all(torch.equal(teacher[k], v) for k, v in pretrained.items())
+    assert model.decoder.layers[0].cross.key.in_features == method.cfg.model.text.width  # over fused text states
+
+
 def test_answer_loss_weighs_each_answer_by_its_share_over_the_questions(shapes_data, tmp_path):
     cfg = config(shapes_data, tmp_path, "method.alpha=0.0")
     method = methods.build(cfg, 40)
@@ -208,11 +222,13 @@ def pretrained(shapes_data, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("inference", ["rank", "generate"])
-def test_vqa_finetunes_evaluates_and_writes_a_complete_result_file(pretrained, shapes_data, tmp_path, inference,
-                                                                     capsys):
+@pytest.mark.parametrize("method, inference", [("albef", "rank"), ("albef", "generate"), ("semmim", "generate")])
+def test_vqa_finetunes_evaluates_and_writes_a_complete_result_file(method, inference, shapes_data, tmp_path, request):
+    """From ALBEF's checkpoint (both inferences) and SemMIM's (open-vocabulary generation, its paper's)."""
+    pretrained = request.getfixturevalue("pretrained" if method == "albef" else "semmim_checkpoint")
+    model = [o for o in METHODS[method].extra if o.startswith("model.")]  # its method keys: from the checkpoint
     out = tmp_path / "vqa"
-    main(["finetune", "vqa", "--config", "finetune/vqa_tiny.yaml", "--checkpoint", str(pretrained), *TINY,
+    main(["finetune", "vqa", "--config", "finetune/vqa_tiny.yaml", "--checkpoint", str(pretrained), *TINY, *model,
           f"data.root={shapes_data}", f"train.out={out}", "train.steps=4", "train.eval_every=2", "train.save_every=2",
           "eval.batch_size=16", f"task.inference={inference}"])
     metrics = json.loads((out / "metrics.json").read_text())

@@ -133,6 +133,12 @@ class Method(nn.Module):
         """Student modules made of blocks beyond the backbone's (a method's decoder, the paired fusion)."""
         return [self.pair_fusion] if getattr(self, "pair_fusion", None) is not None else []
 
+    def pretrained_decoder(self) -> nn.Module | None:
+        """The text decoder pretraining trains (SemMIM's prefix LM, over the fusion encoder's states of an image and a
+        text prefix), which captioning and VQA then finetune (`TaskModel.add_decoder`); None where pretraining trains
+        none (ALBEF and the others): those tasks make one from the fusion layers (`Decoder.from_method`)."""
+        return None
+
     def blocks(self) -> list[nn.Module]:
         """Every repeated transformer block, student and teacher: FSDP units, compile regions."""
         found = [*self.backbone.blocks(), *(b for m in self.block_owners() for b in m.layers)]

@@ -134,6 +134,9 @@ class SemMIM(Method):
     def batch_needs(cls, m) -> set[str]:
         return super().batch_needs(m) | ({"image_view2"} if {"cls", "patch"} & set(m.losses) else set())
 
+    def pretrained_decoder(self) -> nn.Module | None:
+        return self.decoder  # None when pretraining left PLM out
+
     def block_owners(self) -> list[nn.Module]:
         return [*super().block_owners(), *([self.decoder] if self.decoder is not None else [])]
 

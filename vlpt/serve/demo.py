@@ -401,13 +401,13 @@ class Demo:
         seed = as_int(seed, "the seed", 0, 2**31 - 1)
         tok = task.tokenizer
         with self.lock:
-            tokens = model.method.backbone.encode_image(self.pixels(picture))
+            context = model.context(self.pixels(picture))
             prefix = task.prompt_ids().to(self.device)[None]
             if sample:
-                ids = sample_tokens(model.decoder, tokens, prefix, tok.sep_id, max_len, min_len, temperature, top_k,
+                ids = sample_tokens(model.decoder, context, prefix, tok.sep_id, max_len, min_len, temperature, top_k,
                                     seed)
             else:
-                ids, _ = model.decoder.generate(tokens, None, prefix, tok.sep_id, max_len, beams=beams,
+                ids, _ = model.decoder.generate(context, None, prefix, tok.sep_id, max_len, beams=beams,
                                                 min_new=min_len, pad_id=tok.pad_id)
                 ids = ids[0].tolist()
         return tok.decode([i for i in ids if i not in tok.special_ids])

@@ -21,6 +21,7 @@ from vlpt import methods
 from vlpt.config import Config, ConfigError, TaskConfig, load_config, opt
 from vlpt.engine.logging import read_metrics
 from vlpt.errors import VlptError
+from vlpt.models.decoder import Decoder
 from vlpt.models.momentum import MomentumTeacher
 from vlpt.registry import Registry
 
@@ -98,6 +99,19 @@ class TaskModel(nn.Module):
         weights are loaded, it starts as the loaded student (ALBEF's NLVR.py copies before loading: a random one)."""
         self.method.teacher = self.method.queues = None
         self.teacher = MomentumTeacher(parts, self.method.cfg.method.momentum) if parts else None
+
+    def add_decoder(self, context_width: int, layers: int) -> bool:
+        """`self.decoder`, the text decoder of a task that writes text: the method's pretrained one where it has one
+        (`Method.pretrained_decoder`; its own depth and context width then, not `layers` and `context_width`), which
+        stays the method's module (its weights once, under the method's keys, as pretraining wrote them), or else one
+        made from the fusion layers, `layers` deep over contexts `context_width` wide (`Decoder.from_method`, ALBEF's
+        VQA initialisation). Returns whether it is the pretrained one."""
+        pretrained = self.method.pretrained_decoder()
+        if pretrained is None:
+            self.decoder = Decoder.from_method(self.method, context_width, layers)
+            return False
+        object.__setattr__(self, "decoder", pretrained)  # a reference: nn.Module would register it a second time
+        return True
 
     @property
     def legacy_keys(self) -> dict[str, str]:

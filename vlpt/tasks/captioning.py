@@ -1,6 +1,8 @@
-"""Image captioning (SemMIM Sec. 4.3, BLIP's recipe): the answer decoder cross-attends to the image tokens and
-writes the caption after the prompt "a picture of" (its tokens not in the loss), trained with label-smoothed
-(0.1) cross entropy; beam search with length limits. Scored offline with pycocoevalcap (BLEU-1..4, METEOR,
+"""Image captioning (SemMIM Sec. 4.3, BLIP's recipe): a decoder writes the caption after the prompt "a picture of"
+(its tokens not in the loss), trained with label-smoothed (0.1) cross entropy; beam search with length limits. The
+decoder cross-attends to the image tokens (one made from the fusion layers), or, where pretraining trained one
+(SemMIM's prefix LM), it is that decoder over what it was pretrained on: the fusion encoder's states of the image and
+a text prefix, here the empty one (`CaptionModel.context`). Scored offline with pycocoevalcap (BLEU-1..4, METEOR,
 ROUGE-L, CIDEr; not SPICE, which downloads models at run time) against the split's captions; the best checkpoint
 by CIDEr + BLEU-4 (BLIP's rule).
 """
@@ -18,7 +20,6 @@ from vlpt.data.annotations import load_annotations
 from vlpt.data.loader import eval_loader, train_loader
 from vlpt.engine import distributed
 from vlpt.errors import VlptError
-from vlpt.models.decoder import Decoder
 from vlpt.tasks.base import SplitsConfig, Task, TaskModel, register
 
 
@@ -33,7 +34,8 @@ class CaptionConfig(SplitsConfig):
     min_len: int = opt(5, "fewest caption tokens written after the prompt", NON_NEGATIVE)
     max_len: int = opt(20, "most caption tokens written after the prompt, the stop token included", POSITIVE)
     decoder_layers: int = opt(0, "layers of the caption decoder, initialised from the fusion layers in order; 0: as "
-                              "many as the fusion encoder has", NON_NEGATIVE)
+                              "many as the fusion encoder has (a method's pretrained decoder keeps its own)",
+                              NON_NEGATIVE)
     baseline_images: int = opt(2000, "training images searched by the nearest-caption baseline (the first ones of the "
                                "train file); 0: no baseline", NON_NEGATIVE)
 
@@ -75,21 +77,39 @@ def caption_scores(predictions: list[str], refs: list[list[str]]) -> dict:
 
 
 class CaptionModel(TaskModel):
-    """The method's image encoder and a decoder cross-attending to its tokens, from the fusion layers."""
+    """The method's image encoder and a decoder: the method's pretrained one over the fused image and empty prefix
+    (`empty_prefix`: its ids, [CLS] [SEP]), or one from the fusion layers over the image tokens."""
 
     losses = ["caption"]
 
-    def __init__(self, method, layers: int, prompt_tokens: int, label_smoothing: float):
+    def __init__(self, method, layers: int, prompt_tokens: int, label_smoothing: float,
+                 empty_prefix: torch.Tensor | None = None):
         super().__init__(method)
-        self.decoder = Decoder.from_method(method, method.cfg.model.vision.width, layers)  # over the image tokens
+        pretrained = self.add_decoder(method.cfg.model.vision.width, layers)  # fresh: over the image tokens
+        if pretrained and empty_prefix is None:
+            raise ValueError("a pretrained decoder reads a fused text prefix: give empty_prefix, [CLS] [SEP]")
+        self.register_buffer("empty_prefix", empty_prefix if pretrained else None, persistent=False)
         self.prompt_tokens, self.label_smoothing = prompt_tokens, label_smoothing
         self.replace_teacher(None)  # BLIP's captioner has no momentum distillation
 
+    def context(self, image: torch.Tensor) -> torch.Tensor:
+        """What the decoder cross-attends to (B,M,W), every position real (no mask). A decoder from the fusion layers:
+        the image tokens (BLIP). The pretrained prefix-LM decoder: the fusion encoder's states of the image and an
+        empty prefix, the context PLM gives it for a caption split before its first word (SemMIM l.73: the decoder
+        reads the fused cross-modal states; the paper does not say which text its captioner fuses, so none: the
+        prompt stays in the decoder's input, as BLIP's and as the fresh decoder's)."""
+        backbone = self.method.backbone
+        tokens = backbone.encode_image(image)
+        if self.empty_prefix is None:
+            return tokens
+        ids = self.empty_prefix.expand(len(image), -1)
+        mask = torch.ones_like(ids)
+        return backbone.fuse(tokens, backbone.encode_text(ids, mask), mask)
+
     def forward(self, batch: dict, step: int) -> dict:
         ids, mask = batch["text_ids"], batch["text_mask"]
-        tokens = self.method.backbone.encode_image(batch["image"])
-        losses, _ = self.decoder.token_losses(ids, mask, tokens, None, label_smoothing=self.label_smoothing,
-                                              ignore_first=self.prompt_tokens)
+        losses, _ = self.decoder.token_losses(ids, mask, self.context(batch["image"]), None,
+                                              label_smoothing=self.label_smoothing, ignore_first=self.prompt_tokens)
         counted = mask[:, self.prompt_tokens:].sum().clamp(min=1)  # the caption's tokens, [SEP] included
         return {"caption": losses.sum() / counted}
 
@@ -107,7 +127,9 @@ class Captioning(Task):
         return ids[0, : int((ids[0] != self.tokenizer.pad_id).sum()) - 1]
 
     def build(self, method) -> CaptionModel:
-        return CaptionModel(method, self.cfg.task.decoder_layers, len(self.prompt_ids()), self.cfg.task.label_smoothing)
+        empty = torch.tensor([self.tokenizer.cls_id, self.tokenizer.sep_id])
+        return CaptionModel(method, self.cfg.task.decoder_layers, len(self.prompt_ids()), self.cfg.task.label_smoothing,
+                            empty)
 
     def batches(self, start: int):
         prompt = self.cfg.task.prompt
@@ -122,8 +144,8 @@ class Captioning(Task):
         prefix = self.prompt_ids().to(self.device)
         captions = []
         for batch in eval_loader(self.cfg, [{"image": p, "caption": ""} for p in images], tok):
-            tokens = model.method.backbone.encode_image(batch["image"].to(self.device))
-            ids, _ = model.decoder.generate(tokens, None, prefix.expand(len(tokens), -1), tok.sep_id, t.max_len,
+            context = model.context(batch["image"].to(self.device))
+            ids, _ = model.decoder.generate(context, None, prefix.expand(len(context), -1), tok.sep_id, t.max_len,
                                             beams=t.beams, min_new=t.min_len, pad_id=tok.pad_id)
             captions += [tok.decode([i for i in seq if i not in tok.special_ids]) for seq in ids.tolist()]
         return captions

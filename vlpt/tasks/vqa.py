@@ -1,5 +1,7 @@
 """VQA (ALBEF Sec. 5, `model_vqa.py`): the question through the text and fusion encoders, a causal decoder that
-cross-attends to the fused question and writes the answer. Trained with each distinct answer's LM loss weighted by
+cross-attends to the fused question and writes the answer: one made from the fusion layers, or the method's
+pretrained one (SemMIM's prefix LM: the question is the prefix it was pretrained to continue from the fused states
+of, the answer the suffix; SemMIM Sec. 4.3 also appends OFA's object labels and OCR tokens, which we do not have). Trained with each distinct answer's LM loss weighted by
 its share of annotators, distilled per token from a momentum copy where the method has a teacher. Answers by
 `rank` over the answer list (first-token top-k, the k answers teacher-forced and rescored) or `generate` (open
 vocabulary, SemMIM); scored as the official evaluation does (`vqa_eval.py`), per question type too.
@@ -35,7 +37,8 @@ class VQAConfig(SplitsConfig):
     inference: str = opt("rank", "rank (over the answer list, ALBEF) or generate (open vocabulary, SemMIM)")
     k: int = opt(128, "rank: answers kept by first-token probability, then rescored whole (ALBEF: 128)", POSITIVE)
     decoder_layers: int = opt(0, "layers of the answer decoder, initialised from the fusion layers in order "
-                              "(ALBEF: 6); 0: as many as the fusion encoder has", NON_NEGATIVE)
+                              "(ALBEF: 6); 0: as many as the fusion encoder has (a method's pretrained decoder keeps "
+                              "its own)", NON_NEGATIVE)
     max_answer_len: int = opt(10, "generate: most answer tokens written, the stop token included", POSITIVE)
 
     def validate(self, prefix: str, root) -> None:
@@ -71,7 +74,7 @@ class VQAModel(TaskModel):
 
     def __init__(self, method, layers: int):
         super().__init__(method)
-        self.decoder = Decoder.from_method(method, method.cfg.model.text.width, layers)  # over the fused question
+        self.add_decoder(method.cfg.model.text.width, layers)  # over the fused question
         distill = method.teacher is not None
         self.replace_teacher({"backbone": method.backbone, "decoder": self.decoder} if distill else None)
 
