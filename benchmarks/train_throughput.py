@@ -7,6 +7,8 @@ realistic padding mask, MLM ids/labels where the method needs them, distinct ima
 or WebDataset shards) on its own.
 
     python benchmarks/train_throughput.py                          # albef_tiny on CPU (+ albef_base on CUDA)
+    python benchmarks/train_throughput.py --configs configs/pretrain/{simla,semmim}_tiny.yaml   # on CPU
+    python benchmarks/train_throughput.py --configs configs/pretrain/{simla,semmim}_base.yaml --device cuda
     python benchmarks/train_throughput.py --steps 5 --warmup 2 --batch-size 16
     python benchmarks/train_throughput.py --configs configs/pretrain/albef_base.yaml --device cuda train.precision=bf16
     python benchmarks/train_throughput.py --data data/shapes       # also the loader's own samples/s
@@ -45,8 +47,7 @@ TINY, BASE = "configs/pretrain/albef_tiny.yaml", "configs/pretrain/albef_base.ya
 BERT_VOCAB = 30522  # bert-base-uncased, ALBEF's vocabulary
 SHAPES_VOCAB = len(synthetic.SPECIAL_TOKENS) + len(synthetic.VOCAB)
 # Vocabulary size of the synthetic batches when neither --vocab-size, --data nor model.text.pretrained gives one:
-# the data each config is meant for (the tiny model trains on the shapes data set).
-DEFAULT_VOCAB = {"albef_tiny": SHAPES_VOCAB}
+# the data each config is meant for (the tiny configs train on the shapes data set, the others on BERT's vocabulary).
 H100_BF16_TFLOPS = 989.0  # dense bf16 peak of an H100 SXM (and H200)
 
 
@@ -86,13 +87,30 @@ def time_loader(cfg: Config, steps: int, warmup: int) -> float:
 
 
 # ------------------------------------------------------------------------------------------------------- runs
+def is_tiny(config: str) -> bool:
+    """A `<method>_tiny` config: made for the CPU and the shapes data."""
+    return Path(config).stem.endswith("_tiny")
+
+
 def default_device(config: str, requested: str) -> str:
-    """`auto`: albef_tiny on CPU; every other config on CUDA when there is one, else CPU."""
+    """`auto`: the tiny configs on CPU; every other config on CUDA when there is one, else CPU."""
     if requested != "auto":
         return requested
-    if Path(config).stem == "albef_tiny" or not torch.cuda.is_available():
+    if is_tiny(config) or not torch.cuda.is_available():
         return "cpu"
     return "cuda"
+
+
+def stand_in_dvae(model, folder: str) -> None:
+    """A dVAE tokenizer without weights (SIMLA's base preset names DALL-E's encoder, which is not shipped) gets a
+    DALL-E-sized encoder with random weights, written into `folder`: the same FLOPs, so the step's time holds."""
+    from safetensors.torch import save_file
+    from vlpt.models.visual_tokens import DVAEEncoder, VisualTokens
+    for m in model.modules():
+        if isinstance(m, VisualTokens) and m.source == "dvae" and not m.path:
+            m.path = str(Path(folder) / f"dvae_{m.codes}.safetensors")
+            if not Path(m.path).is_file():
+                save_file(DVAEEncoder(vocab=m.codes).state_dict(), m.path)
 
 
 def setting_rows(args) -> list[dict]:
@@ -130,7 +148,7 @@ def bench_config(config: str, args) -> list[dict]:
     elif pretrained_vocab and pretrained_vocab.is_file():
         vocab = sum(1 for _ in pretrained_vocab.open())
     else:
-        vocab = DEFAULT_VOCAB.get(name, BERT_VOCAB)
+        vocab = SHAPES_VOCAB if is_tiny(config) else BERT_VOCAB
     loader_rate = None
     if args.data:  # the loader alone, at the config's own batch size
         loader_rate = time_loader(cfg, args.steps, args.warmup)
@@ -221,6 +239,7 @@ def bench_setting(cfg: Config, device: torch.device, vocab: int, batch_size: int
 
     torch.manual_seed(cfg.train.seed)
     model = methods.build(cfg, vocab).to(device)
+    stand_in_dvae(model, args.scratch)
     model.train()
     row = {"params_M": round(sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6, 1)}
     step_module = parallel.prepare(model, cfg, device)
@@ -308,7 +327,7 @@ def parse_args(argv=None):
                                 epilog="key=value arguments override every config (as `vlpt pretrain` does)")
     p.add_argument("--configs", nargs="+", default=None,
                    help=f"config files (default: {TINY}, and {BASE} when CUDA is available)")
-    p.add_argument("--device", default="auto", help="auto (tiny on CPU, others on CUDA if present), cpu, cuda, cuda:N")
+    p.add_argument("--device", default="auto", help="auto (*_tiny on CPU, others on CUDA if present), cpu, cuda, cuda:N")
     p.add_argument("--steps", type=int, default=20, help="timed optimiser steps (default 20)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
     p.add_argument("--batch-size", nargs="+", default=["0"],
@@ -327,7 +346,7 @@ def parse_args(argv=None):
                         "and print the kernel-busy share of the step and the time of its named parts")
     p.add_argument("--vocab-size", type=int, default=0,
                    help=f"vocabulary of the synthetic ids and the model (default: model.text.pretrained's vocab if set, "
-                        f"else {SHAPES_VOCAB} (shapes) for albef_tiny and {BERT_VOCAB} (BERT) for other configs)")
+                        f"else {SHAPES_VOCAB} (shapes) for the tiny configs and {BERT_VOCAB} (BERT) for the others)")
     p.add_argument("--data", default="", help="data folder (data.root): also time the trainer's loader alone on "
                    "data.train there (JSON pairs, or shards: data.train='shards/{000000..000009}.tar')")
     p.add_argument("--peak-tflops", type=float, default=None,
@@ -367,7 +386,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
-    rows = [row for c in args.configs for row in bench_config(c, args)]
+    with tempfile.TemporaryDirectory() as args.scratch:  # stand-in tokenizer weights (`stand_in_dvae`)
+        rows = [row for c in args.configs for row in bench_config(c, args)]
     gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
     print(f"\ntorch {torch.__version__}, {platform.processor() or platform.machine()}{gpu}; "
           f"{args.steps} steps back to back after {args.warmup} warm-up and {args.steps} isolated (synchronised) "

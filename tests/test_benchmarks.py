@@ -11,16 +11,33 @@ import train_throughput  # noqa: E402
 
 import pytest  # noqa: E402
 
-from helpers import TINY, config  # noqa: E402
+from helpers import METHODS, TINY, config  # noqa: E402
 
 
-def test_train_throughput_runs_a_row_with_flops(capsys):
-    overrides = [o for o in TINY if not o.startswith(("data.", "train.progress"))]
-    rows = train_throughput.main(["--configs", "configs/pretrain/albef_tiny.yaml", "--device", "cpu", "--steps", "1",
-                                  "--warmup", "0", "--grad-checkpointing", "false", "true", *overrides])
+@pytest.mark.parametrize("method", ["albef", "simla", "semmim"])
+def test_train_throughput_runs_a_row_with_flops(method, capsys):
+    """Each method's tiny preset gives its rows (on the CPU, over the shapes vocabulary; SemMIM's batches with their
+    second view)."""
+    overrides = [o for o in [*TINY, *METHODS[method].extra] if not o.startswith(("data.", "train.progress"))]
+    rows = train_throughput.main(["--configs", METHODS[method].preset, "--steps", "1", "--warmup", "0",
+                                  "--grad-checkpointing", "false", "true", *overrides])
     assert len(rows) == 2 and all(r["samples_per_s"] > 0 and r["gflop_per_sample"] > 0 for r in rows)
+    assert all(r["device"] == "cpu" and r["vocab"] == train_throughput.SHAPES_VOCAB for r in rows)
     assert rows[0]["gflop_per_sample"] == rows[1]["gflop_per_sample"]  # recomputation is not counted
-    assert "| albef_tiny |" in capsys.readouterr().out
+    assert f"| {method}_tiny |" in capsys.readouterr().out
+
+
+def test_train_throughput_gives_a_dvae_without_weights_a_stand_in(tmp_path):
+    """SIMLA's base preset names DALL-E's dVAE, not shipped: a random encoder of its layout is written and read."""
+    import torch
+    from vlpt import methods
+    cfg = config(tmp_path, tmp_path, *METHODS["simla"].extra, "method.simla.tokens.source=dvae",
+                 preset=METHODS["simla"].preset)
+    model = methods.build(cfg, 40)
+    train_throughput.stand_in_dvae(model, str(tmp_path))
+    tokens = model.visual_tokens(torch.randn(2, 3, 32, 32))
+    assert Path(model.visual_tokens.path).parent == tmp_path and Path(model.visual_tokens.path).is_file()
+    assert tokens.shape == (2, 16) and int(tokens.max()) < 16
 
 
 def test_retrieval_eval_compares_the_batched_and_the_loop_reranking(shapes_data, capsys):
