@@ -1,10 +1,11 @@
 """VQA (ALBEF Sec. 5, `model_vqa.py`): the question through the text and fusion encoders, a causal decoder that
 cross-attends to the fused question and writes the answer: one made from the fusion layers, or the method's
 pretrained one (SemMIM's prefix LM: the question is the prefix it was pretrained to continue from the fused states
-of, the answer the suffix; SemMIM Sec. 4.3 also appends OFA's object labels and OCR tokens, which we do not have). Trained with each distinct answer's LM loss weighted by
-its share of annotators, distilled per token from a momentum copy where the method has a teacher. Answers by
-`rank` over the answer list (first-token top-k, the k answers teacher-forced and rescored) or `generate` (open
-vocabulary, SemMIM); scored as the official evaluation does (`vqa_eval.py`), per question type too.
+of, the answer the suffix; SemMIM Sec. 4.3 also appends OFA's object labels and OCR tokens, which we do not have).
+Trained with each distinct answer's LM loss weighted by its share of annotators, distilled per token from a momentum
+copy where the method has a teacher. Answers by `rank` over the answer list (first-token top-k, the k answers
+teacher-forced and rescored) or `generate` (open vocabulary, SemMIM); scored as the official evaluation does
+(`vqa_eval.py`), per question type too.
 """
 from __future__ import annotations
 

@@ -2,6 +2,7 @@
 patches that a sample of codewords stand for."""
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
@@ -56,13 +57,17 @@ def save_codebook_grid(model, paths: list[Path], out: str | Path, *, image_size:
     rows = in_use[torch.randperm(len(in_use), generator=gen)[:codewords]].sort().values.tolist()
     p = model.cfg.model.vision.patch_size
     transform = image_transform(image_size)
+
+    @functools.cache
+    def image_patches(image: int) -> torch.Tensor:  # an image is read once however many of its patches are shown
+        return patchify(denormalize(transform(load_image(paths[image])))[None], p)[0]
+
     fig, axes = plt.subplots(len(rows), patches, figsize=(1.0 * patches + 1.2, 1.15 * len(rows) + 0.8),
                              squeeze=False)
     for row, code in enumerate(rows):
         where = (indices == code).nonzero()
         for col, (image, patch) in enumerate(where[torch.randperm(len(where), generator=gen)[:patches]].tolist()):
-            pixels = patchify(denormalize(transform(load_image(paths[image])))[None], p)[0]
-            show(axes[row, col], pixels[patch].view(p, p, 3).permute(2, 0, 1), Path(paths[image]).stem, size=6)
+            show(axes[row, col], image_patches(image)[patch].view(p, p, 3).permute(2, 0, 1), Path(paths[image]).stem, size=6)
         for ax in axes[row, len(where):]:
             ax.axis("off")
         axes[row, 0].set_ylabel(f"codeword {code}\n{len(where)} patch{'' if len(where) == 1 else 'es'}",
