@@ -46,6 +46,7 @@ def test_retrieval_finetunes_and_names_its_protocol(pretrained, shapes_data, tmp
     assert {"img_r1", "txt_r1", "r_mean", "binding_itm"} <= set(metrics)
     meta = checkpoint.read_meta(checkpoint.resolve(tmp_path / "ret"))
     assert meta["heads"] == ["retrieval"] and meta["task"] == "retrieval"
+    assert meta["step"] == metrics["selected_step"]  # the run folder reads as the step its metrics report
     out = tmp_path / "zs.json"
     main(["evaluate", "retrieval", "--checkpoint", str(pretrained), "--data", str(shapes_data), "--out", str(out)])
     assert json.loads(out.read_text())["protocol"] == "zero-shot"

@@ -284,12 +284,14 @@ def test_keep_prunes_old_checkpoints_but_never_latest_or_best(tmp_path):
     for step in range(1, 6):
         save(out, step, float(step), keep=2, as_best=step == 3)
     assert step_folders(out) == ["step_000004", "step_000005"]
-    assert checkpoint.resolve(out).name == "step_000005"
+    assert checkpoint.resolve(out, latest=True).name == "step_000005"
     assert checkpoint.read_meta(out / "best")["step"] == 3 and weights(out / "best")["w"][0] == 3
+    assert checkpoint.resolve(out) == out / "best"  # reading a run folder: the selected step, not the last
 
     save(out, 2, 20.0, keep=2)  # a new run re-saving an older step: `latest` names it, so it stays
     assert step_folders(out) == ["step_000002", "step_000005"]
-    assert checkpoint.resolve(out).name == "step_000002" and weights(checkpoint.resolve(out))["w"][0] == 20
+    assert checkpoint.resolve(out, latest=True).name == "step_000002"
+    assert weights(checkpoint.resolve(out, latest=True))["w"][0] == 20
     save(out, 4, 4.0, keep=1)
     assert step_folders(out) == ["step_000004"] and checkpoint.read_meta(out / "best")["step"] == 3
     assert not list(out.rglob(".*"))  # no temporary folder or aside left
@@ -321,7 +323,7 @@ def test_a_crash_while_replacing_a_folder_leaves_it_readable(tmp_path, monkeypat
     monkeypatch.undo()
     folder = out / "checkpoints" / "step_000004" if what == "step" else out / "best"
     assert not folder.exists()
-    found = checkpoint.resolve(out if what == "step" else folder)
+    found = checkpoint.resolve(out, latest=True) if what == "step" else checkpoint.resolve(out)
     assert found.name == f".{folder.name}.old" and weights(found)["w"][0] == 1.0
     assert checkpoint.load_state(found)["value"] == 1.0
 

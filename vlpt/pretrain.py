@@ -21,7 +21,7 @@ def pretrain(cfg: Config) -> Path:
     method_cls = methods.check(cfg)  # a misnamed method or loss stops here, before any work
     device = setup(cfg.train)
     out = Path(cfg.train.out)
-    path = checkpoint.resolve(cfg.train.resume, out) if cfg.train.resume else None
+    path = checkpoint.resolve(cfg.train.resume, out, latest=True) if cfg.train.resume else None
     init = checkpoint.resolve(cfg.train.init) if cfg.train.init and not path else None  # a resumed run has weights
     data = training_set(cfg)  # JSON records or shards: a missing file or shard fails here
     vocab = path or init

@@ -174,9 +174,13 @@ def _present(folder: Path) -> Path:
     return aside if not (folder / WEIGHTS).is_file() and (aside / WEIGHTS).is_file() else folder
 
 
-def resolve(path: str | Path, out: str | Path | None = None) -> Path:
-    """A checkpoint folder from: a checkpoint folder, a run folder (its latest), or 'latest' (in `out`)."""
+def resolve(path: str | Path, out: str | Path | None = None, latest: bool = False) -> Path:
+    """A checkpoint folder from: a checkpoint folder, a run folder, or 'latest' (in `out`). A run folder gives its
+    `best` checkpoint where an evaluation selected one (what its metrics.json reports), else its latest; with
+    `latest` (resuming), always its latest."""
     path = Path(out) if str(path) == "latest" and out else Path(path)
+    if not latest and (path / "latest").is_file() and (_present(path / "best") / WEIGHTS).is_file():
+        return _present(path / "best")
     if (path / "latest").is_file():
         path = path / "checkpoints" / (path / "latest").read_text().strip()
     path = _present(path)

@@ -211,7 +211,7 @@ def fit(model: torch.nn.Module, cfg: Config, device: torch.device, batches_from:
                 window_bad, window_names = 0, {}
             if stop:
                 try:
-                    kept = f"`latest` names the last checkpoint, {checkpoint.resolve(out)}, intact"
+                    kept = f"`latest` names the last checkpoint, {checkpoint.resolve(out, latest=True)}, intact"
                 except FileNotFoundError:
                     kept = "no checkpoint was written"
                 hint = "lower optim.lr" + (", or set optim.grad_clip" if cfg.optim.grad_clip == 0 else "")

@@ -162,7 +162,7 @@ def finetune(cfg: Config) -> Path:
     device = setup(cfg.train)
     source = checkpoint.resolve(cfg.task.checkpoint)
     tokenizer = Tokenizer(source / checkpoint.VOCAB, cfg.model.text.preprocess)
-    resume = checkpoint.resolve(cfg.train.resume, cfg.train.out) if cfg.train.resume else None
+    resume = checkpoint.resolve(cfg.train.resume, cfg.train.out, latest=True) if cfg.train.resume else None
     torch.manual_seed(cfg.train.seed)
     method = methods.build(cfg, tokenizer.vocab_size)
     missing, unexpected = checkpoint.load_weights(source, method, strict=False)
