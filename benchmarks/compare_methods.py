@@ -123,6 +123,8 @@ DIAGNOSIS = {
     "albef:pool-cls": (ALBEF, ["model.text.pool=cls"]),
     "albef:patch-8": (ALBEF, ["model.vision.patch_size=8"]),
     "albef:temperature-0.2": (ALBEF, ["method.temperature=0.2"]),
+    # each caption with two of its colours exchanged is one more ITM negative of its image (binding's negatives)
+    "albef:swap-colours": (ALBEF, ["method.itm_swap_words=[[red,green,blue,yellow,purple,orange,white,cyan]]"]),
 }
 ROWS.update(DIAGNOSIS)
 
