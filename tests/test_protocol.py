@@ -254,11 +254,15 @@ def test_a_task_added_from_outside_finetunes_selects_the_best_step_and_evaluates
                    "--out", str(result)])
     assert "accuracy" in capsys.readouterr().out
     assert json.loads(result.read_text()) == {k: v for k, v in metrics.items() if k in ("accuracy", "likelihood", "pairs")}
-    # and they are the selected step's: the last step's weights score otherwise
+    # the run folder reads as its selected step too; the last step's weights score otherwise
+    folder = tmp_path / "folder.json"
+    vlpt.cli.main(["evaluate", "match", "--checkpoint", str(out), "--num-workers", "0", "--device", "cpu",
+                   "--out", str(folder)])
+    assert json.loads(folder.read_text()) == json.loads(result.read_text())
     if selected != 4:
         last = tmp_path / "last.json"
-        vlpt.cli.main(["evaluate", "match", "--checkpoint", str(out), "--num-workers", "0", "--device", "cpu",
-                       "--out", str(last)])
+        vlpt.cli.main(["evaluate", "match", "--checkpoint", str(checkpoint.resolve(out, latest=True)),
+                       "--num-workers", "0", "--device", "cpu", "--out", str(last)])
         assert json.loads(last.read_text())["likelihood"] != metrics["likelihood"]
 
 
