@@ -179,10 +179,10 @@ def resolve(path: str | Path, out: str | Path | None = None, latest: bool = Fals
     `best` checkpoint where an evaluation selected one (what its metrics.json reports), else its latest; with
     `latest` (resuming), always its latest."""
     path = Path(out) if str(path) == "latest" and out else Path(path)
-    if not latest and (path / "latest").is_file() and (_present(path / "best") / WEIGHTS).is_file():
-        return _present(path / "best")
     if (path / "latest").is_file():
-        path = path / "checkpoints" / (path / "latest").read_text().strip()
+        best = _present(path / "best")
+        use_best = not latest and (best / WEIGHTS).is_file()
+        path = best if use_best else path / "checkpoints" / (path / "latest").read_text().strip()
     path = _present(path)
     if not (path / WEIGHTS).is_file():
         raise NoCheckpoint(f"no checkpoint at {path} (expected {WEIGHTS}; give a checkpoint or run folder)")
