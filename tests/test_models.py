@@ -463,6 +463,36 @@ def test_albef_step_losses_gradients_and_queues(albef):
     assert model.queues.ptr.item() == 8
 
 
+def test_caption_and_masked_copy_share_one_text_encoder_call(albef):
+    """steps.features encodes the caption and its masked copy in one call (student and teacher): the word-embedding
+    lookup runs twice per step, not four times, and each half's states equal a call of its own."""
+    from vlpt.methods import steps
+    model = albef.eval()
+    batch = albef_batch()
+    calls = []
+    hooks = [m.register_forward_hook(lambda mod, args, out: calls.append(args[0].shape[0]))
+             for m in (model.backbone.text.embeddings.word, model.teacher["backbone"].text.embeddings.word)]
+    try:
+        with torch.no_grad():
+            f = steps.features(model, batch)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert calls == [8, 8]  # 4 captions + their 4 masked copies, once for the student, once for the teacher
+    with torch.no_grad():
+        hidden, feat = model.encode_text(batch["text_ids"], batch["text_mask"])
+        masked = model.backbone.encode_text(batch["mlm_ids"], batch["text_mask"])
+        teacher_masked = model.teacher["backbone"].encode_text(batch["mlm_ids"], batch["text_mask"])
+    torch.testing.assert_close(f.text_hidden, hidden)
+    torch.testing.assert_close(f.text_feat, feat)
+    torch.testing.assert_close(f.mlm_hidden, masked)
+    torch.testing.assert_close(f.teacher_mlm_hidden, teacher_masked)
+    without = {k: v for k, v in batch.items() if k not in ("mlm_ids", "mlm_labels")}
+    with torch.no_grad():
+        assert steps.features(model, without).mlm_hidden is None
+    model.train()
+
+
 def test_albef_teacher_follows_student_after_step(albef):
     model = albef
     m = model.cfg.method.momentum

@@ -163,9 +163,13 @@ class Method(nn.Module):
 
     def encode_text(self, ids: torch.Tensor, mask: torch.Tensor, teacher: bool = False):
         """ids, mask (B,L) -> hidden states (B,L,Wt), normalised projected pooled feature (B,D)."""
-        backbone = self.part("backbone", teacher)
-        hidden = backbone.encode_text(ids, mask)
-        return hidden, F.normalize(self.part("text_proj", teacher)(backbone.pool(hidden, mask)).float(), dim=-1)
+        hidden = self.part("backbone", teacher).encode_text(ids, mask)
+        return hidden, self.text_feature(hidden, mask, teacher)
+
+    def text_feature(self, hidden: torch.Tensor, mask: torch.Tensor, teacher: bool = False) -> torch.Tensor:
+        """The text encoder's states (B,L,Wt) -> the normalised projected pooled feature ITC compares (B,D)."""
+        pooled = self.part("backbone", teacher).pool(hidden, mask)
+        return F.normalize(self.part("text_proj", teacher)(pooled).float(), dim=-1)
 
     def fuse(self, image_tokens, text_hidden, text_mask, teacher: bool = False):
         """Text states attend to image tokens: (B,L,Wt)."""

@@ -115,12 +115,12 @@ class MaskVLM(Method):
         masked_ids, labels = batch.get("mlm_ids"), batch.get("mlm_labels")
         masked_tokens = self.encode_image(batch["image"], patch_mask=patch_mask)[0] if "mim" in losses \
             or mv.masking == "both" else None
-        # `both`: one text-encoder pass over the masked text serves MLM and MIM
-        masked_hidden = self.backbone.encode_text(masked_ids, f.text_mask) if mv.masking == "both" else None
+        # `both`: the masked text's states (from the caption's text-encoder call) serve MLM and MIM
+        masked_hidden = f.mlm_hidden if mv.masking == "both" else None
         if "mlm" in losses:
             context = masked_tokens if mv.masking == "both" else f.image_tokens
             positions = steps.mlm_positions(batch)
-            logits = self.mlm_logits(context, masked_ids, f.text_mask, positions=positions, hidden=masked_hidden)
+            logits = self.mlm_logits(context, masked_ids, f.text_mask, positions=positions, hidden=f.mlm_hidden)
             out["mlm"] = mlm_loss(logits, labels.flatten()[positions],
                                   normalizer=distributed.mean_count((labels >= 0).sum()))
         if "mim" in losses:

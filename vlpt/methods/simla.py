@@ -114,13 +114,12 @@ class SIMLA(Method):
         return grounding_layer_of(len(self.backbone.fusion.layers))
 
     # --- encoders ------------------------------------------------------------------------------------------------
-    def encode_text(self, ids: torch.Tensor, mask: torch.Tensor, teacher: bool = False):
-        """ids, mask (B,L) -> the token embeddings `fuse` reads (B,L,Wt) and the normalised projected pooled feature
-        of the text-only pass E_l (B,D)."""
+    def text_feature(self, hidden: torch.Tensor, mask: torch.Tensor, teacher: bool = False) -> torch.Tensor:
+        """The token embeddings `fuse` reads (B,L,Wt; `encode_text` returns them) -> the normalised projected pooled
+        feature of the text-only pass E_l (B,D)."""
         backbone = self.part("backbone", teacher)
-        hidden = backbone.encode_text(ids, mask)
         states = backbone.unimodal(hidden, mask)
-        return hidden, F.normalize(self.part("text_proj", teacher)(backbone.pool(states, mask)).float(), dim=-1)
+        return F.normalize(self.part("text_proj", teacher)(backbone.pool(states, mask)).float(), dim=-1)
 
     def mim_logits(self, image, patch_mask, text_hidden, text_mask, teacher: bool = False) -> torch.Tensor:
         """Visual-token logits (B,N,K) of the block-masked image: its ViT tokens as the stack's queries, the caption

@@ -30,9 +30,25 @@ class Features:
     text_keys: torch.Tensor
     positives: torch.Tensor
     batch_size: int
+    mlm_hidden: torch.Tensor | None = None
     teacher_tokens: torch.Tensor | None = None
     teacher_image: torch.Tensor | None = None
     teacher_text: torch.Tensor | None = None
+    teacher_mlm_hidden: torch.Tensor | None = None
+
+
+def encode_captions(method, batch: dict, teacher: bool = False):
+    """The caption's text states (B,L,Wt) and ITC feature (B,D), and the states of its masked copy (`mlm_ids`, where
+    the batch has one; else None) from the same text-encoder call over both: one embedding backward instead of two
+    (each zeroes and fills a dense vocabulary-sized gradient: issue 19)."""
+    ids, mask = batch["text_ids"], batch["text_mask"]
+    backbone = method.part("backbone", teacher)
+    masked = None
+    if "mlm_ids" in batch:
+        hidden, masked = backbone.encode_text(torch.cat([ids, batch["mlm_ids"]]), torch.cat([mask, mask])).chunk(2)
+    else:
+        hidden = backbone.encode_text(ids, mask)
+    return hidden, method.text_feature(hidden, mask, teacher), masked
 
 
 def features(method, batch: dict) -> Features:
@@ -40,24 +56,25 @@ def features(method, batch: dict) -> Features:
     the ITC keys are its features of the global batch followed by the queue; without one, the students' features of
     the global batch, with gradient (in-batch ITC)."""
     image_tokens, image_feat = method.encode_image(batch["image"])
-    text_hidden, text_feat = method.encode_text(batch["text_ids"], batch["text_mask"])
+    text_hidden, text_feat, mlm_hidden = encode_captions(method, batch)
     ids = batch["image_id"]
     batch_ids = distributed.gather(ids)
     student = dict(image_tokens=image_tokens, image_feat=image_feat, text_hidden=text_hidden, text_feat=text_feat,
-                   text_mask=batch["text_mask"], image_id=ids, batch_size=len(batch_ids))
+                   text_mask=batch["text_mask"], image_id=ids, batch_size=len(batch_ids), mlm_hidden=mlm_hidden)
     if method.teacher is None:
         return Features(**student, positives=ids[:, None] == batch_ids[None],
                         image_keys=distributed.gather(image_feat, grad=True),
                         text_keys=distributed.gather(text_feat, grad=True))
     with torch.no_grad():
         teacher_tokens, teacher_image = method.encode_image(batch["image"], teacher=True)
-        _, teacher_text = method.encode_text(batch["text_ids"], batch["text_mask"], teacher=True)
+        _, teacher_text, teacher_mlm_hidden = encode_captions(method, batch, teacher=True)
         queues = method.queues
         positives = ids[:, None] == torch.cat([batch_ids, queues.ids])[None]
         image_keys = torch.cat([distributed.gather(teacher_image), queues.image])  # cat copies: the queue
         text_keys = torch.cat([distributed.gather(teacher_text), queues.text])     # push is safe
     return Features(**student, positives=positives, image_keys=image_keys, text_keys=text_keys,
-                    teacher_tokens=teacher_tokens, teacher_image=teacher_image, teacher_text=teacher_text)
+                    teacher_tokens=teacher_tokens, teacher_image=teacher_image, teacher_text=teacher_text,
+                    teacher_mlm_hidden=teacher_mlm_hidden)
 
 
 def push_queues(method, f: Features) -> None:
@@ -118,12 +135,13 @@ def mlm_positions(batch: dict) -> torch.Tensor:
 def mlm(method, f: Features, batch: dict, step: int) -> torch.Tensor:
     """ALBEF Eq. 5 + 7: masked tokens predicted from text and image, distilled from the teacher when there is one."""
     positions, labels = mlm_positions(batch), batch["mlm_labels"]
-    logits = method.mlm_logits(f.image_tokens, batch["mlm_ids"], f.text_mask, positions=positions)
+    logits = method.mlm_logits(f.image_tokens, batch["mlm_ids"], f.text_mask, positions=positions,
+                               hidden=f.mlm_hidden)
     teacher_logits = None
     if method.teacher is not None:
         with torch.no_grad():
             teacher_logits = method.mlm_logits(f.teacher_tokens, batch["mlm_ids"], f.text_mask, teacher=True,
-                                               positions=positions)
+                                               positions=positions, hidden=f.teacher_mlm_hidden)
     return mlm_loss(logits, labels.flatten()[positions], teacher_logits, method.alpha(step),
                     distributed.mean_count((labels >= 0).sum()))
 
