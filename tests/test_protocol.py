@@ -326,7 +326,7 @@ def test_zero_shot_retrieval_through_the_cli(pretrained, tmp_path, capsys):
     saved = yaml.safe_load((checkpoint.resolve(pretrained) / checkpoint.CONFIG).read_text())
     assert saved["eval"]["k"] != 4
     written = {}
-    for name, flags in (("k4", ["--k", "4"]), ("default", [])):
+    for name, flags in (("k4", ["--k", "4"]), ("default", []), ("override", ["eval.k=3"])):
         written[name] = tmp_path / f"{name}.json"
         vlpt.cli.main(["evaluate", "retrieval", "--checkpoint", str(pretrained), *flags, "--out", str(written[name]),
                        "--num-workers", "0", "--device", "cpu"])
@@ -337,6 +337,9 @@ def test_zero_shot_retrieval_through_the_cli(pretrained, tmp_path, capsys):
         assert 0 <= m[key] <= 100, key
     assert m["images"] == 16 and m["texts"] > 16
     assert json.loads(written["default"].read_text())["k"] == saved["eval"]["k"]
+    assert json.loads(written["override"].read_text())["k"] == 3  # key=value, as every other command takes them
+    message = cli_error(["evaluate", "retrieval", "--checkpoint", str(pretrained), "eval.kk=3"], capsys)
+    assert "eval.kk" in message and "eval.k" in message
 
 
 # --- 4. legacy checkpoints ------------------------------------------------------------------------------------------

@@ -71,7 +71,8 @@ def cmd_evaluate(args) -> dict:
     values = {key: getattr(args, key.split(".")[-1]) for key in args.options}
     overrides = [f"{key}={json.dumps(v) if isinstance(v, list) else v}" for key, v in values.items()
                  if v is not None]  # flags default to the checkpoint's values; a list as YAML (JSON) flow
-    overrides += [f"data.num_workers={args.num_workers}", *([f"data.root={args.data}"] if args.data else [])]
+    overrides += [f"data.num_workers={args.num_workers}", *([f"data.root={args.data}"] if args.data else []),
+                  *args.overrides]
     task, metrics = evaluate_checkpoint(args.task, args.checkpoint, pick_device(args.device), args.split, overrides)
     if args.out:
         task.save(metrics, Path(args.out))
@@ -82,7 +83,8 @@ def cmd_evaluate(args) -> dict:
 def cmd_evaluate_all(args) -> dict:
     from vlpt.engine.runtime import pick_device
     from vlpt.tasks.base import evaluate_all
-    overrides = [f"data.num_workers={args.num_workers}", *([f"data.root={args.data}"] if args.data else [])]
+    overrides = [f"data.num_workers={args.num_workers}", *([f"data.root={args.data}"] if args.data else []),
+                 *args.overrides]
     tasks, results = evaluate_all(args.checkpoint, pick_device(args.device), args.split, args.tasks, overrides)
     for name, metrics in results.items():
         print(f"== {name}\n{tasks[name].table(metrics)}")
@@ -180,6 +182,7 @@ def task_parsers(sub) -> None:
         s.add_argument("--num-workers", type=int, default=2, help="image-loading workers (data.num_workers)")
         s.add_argument("--device", default="auto")
         s.add_argument("--out", default="", help="write the metrics as JSON here")
+        s.add_argument("overrides", nargs="*", help="key=value over the checkpoint's config, e.g. eval.batch_size=64")
         s.set_defaults(func=cmd_evaluate, options=task.options)
     s = ev.add_parser("all", help="every task the checkpoint has a head for, and the zero-shot ones")
     s.add_argument("--checkpoint", required=True, help="checkpoint folder or run folder")
@@ -189,6 +192,7 @@ def task_parsers(sub) -> None:
     s.add_argument("--num-workers", type=int, default=2, help="image-loading workers (data.num_workers)")
     s.add_argument("--device", default="auto")
     s.add_argument("--out", default="", help="folder: metrics.json ({task: metrics}), and each task's file")
+    s.add_argument("overrides", nargs="*", help="key=value over each task's config, e.g. eval.batch_size=64")
     s.set_defaults(func=cmd_evaluate_all)
 
 
