@@ -68,6 +68,19 @@ def test_caption_loss_leaves_out_the_prompt_and_averages_the_caption_tokens(shap
     assert model.teacher is None and method.teacher is None
 
 
+def test_a_task_made_decoder_is_among_the_blocks_and_checkpoints(shapes_data, tmp_path):
+    """FSDP units, compile regions and gradient checkpointing reach the decoder a task makes from the fusion layers
+    (each of its layers once among `blocks()`), as they reach the method's own blocks."""
+    method = methods.build(config(shapes_data, tmp_path, "task.name=caption"), 40)
+    model = captioning.CaptionModel(method, layers=0, prompt_tokens=3, label_smoothing=0.0)
+    blocks = model.blocks()
+    assert len({id(b) for b in blocks}) == len(blocks)
+    assert all(any(b is layer for b in blocks) for layer in model.decoder.layers)
+    assert len(blocks) == len(method.blocks()) + len(model.decoder.layers)
+    model.set_grad_checkpointing(True)
+    assert model.decoder.grad_checkpointing and method.backbone.fusion.grad_checkpointing
+
+
 @pytest.fixture(scope="module")
 def pretrained(shapes_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("pre") / "albef"
@@ -88,6 +101,9 @@ def test_semmim_captions_with_its_pretrained_decoder_over_the_fused_image(semmim
     decoder = model.decoder.state_dict()
     assert pretrained.keys() == decoder.keys() and all(torch.equal(decoder[k], v) for k, v in pretrained.items())
     assert not any(k.startswith("decoder.") for k in model.state_dict())  # not a second copy beside method.decoder
+    blocks = model.blocks()  # the pretrained decoder's layers once, as the method's
+    assert len({id(b) for b in blocks}) == len(blocks) and model.own_decoder() == []
+    assert all(any(b is layer for b in blocks) for layer in method.decoder.layers)
 
     image = torch.randn(2, 3, 32, 32)
     ids = torch.tensor([[tokenizer.cls_id, tokenizer.sep_id]] * 2)

@@ -122,8 +122,13 @@ class TaskModel(nn.Module):
         if self.teacher is not None:
             self.teacher.update()
 
+    def own_decoder(self) -> list[nn.Module]:
+        """The text decoder `add_decoder` made for the task, where it made one; not the method's pretrained decoder,
+        which the method's own blocks and checkpointing cover."""
+        return [self._modules["decoder"]] if "decoder" in self._modules else []
+
     def blocks(self) -> list[nn.Module]:
-        found = self.method.blocks()
+        found = self.method.blocks() + [layer for d in self.own_decoder() for layer in d.layers]
         if self.teacher is not None:  # the blocks of its copies: a backbone's, a fusion encoder's layers
             found += [b for m in self.teacher.copies.values()
                       for b in (m.blocks() if hasattr(m, "blocks") else getattr(m, "layers", []))]
@@ -131,6 +136,8 @@ class TaskModel(nn.Module):
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.method.set_grad_checkpointing(enable)
+        for decoder in self.own_decoder():
+            decoder.set_grad_checkpointing(enable)
 
     def may_leave_parameters_unused(self) -> bool:
         return True  # the pretraining heads a task does not use (MLM, ITM, ...) get no gradient
