@@ -187,7 +187,7 @@ class SemMIM(Method):
         view2, text_mask = batch["image_view2"], f.text_mask
         own = "patch" in losses and s.mim_target == "own"
         with torch.no_grad():  # the momentum ViT over view 2: text-free [CLS] and patches, then patches with text
-            teacher_hidden = self.teacher["backbone"].encode_text(batch["text_ids"], text_mask) if own else None
+            teacher_hidden = f.teacher_hidden if own else None
             t_free, t_text = self.encode_image_text(view2, None, teacher_hidden, text_mask, teacher=True,
                                                     with_text=own)
             mask = self.draw_patch_mask(t_free[:, 1:], f.teacher_text, step)

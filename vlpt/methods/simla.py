@@ -166,8 +166,7 @@ class SIMLA(Method):
         labels = self.visual_tokens(image).masked_fill(~patch_mask, IGNORE)
         logits = self.mim_logits(image, patch_mask, f.text_hidden, f.text_mask)
         with torch.no_grad():
-            teacher_hidden = self.teacher["backbone"].encode_text(batch["text_ids"], f.text_mask)
-            teacher_logits = self.mim_logits(image, patch_mask, teacher_hidden, f.text_mask, teacher=True)
+            teacher_logits = self.mim_logits(image, patch_mask, f.teacher_hidden, f.text_mask, teacher=True)
         return mlm_loss(logits, labels, teacher_logits, self.alpha(step), distributed.mean_count(patch_mask.sum()))
 
     def psl(self, f: steps.Features, batch: dict, step: int) -> torch.Tensor:

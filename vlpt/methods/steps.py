@@ -32,6 +32,7 @@ class Features:
     batch_size: int
     mlm_hidden: torch.Tensor | None = None
     teacher_tokens: torch.Tensor | None = None
+    teacher_hidden: torch.Tensor | None = None
     teacher_image: torch.Tensor | None = None
     teacher_text: torch.Tensor | None = None
     teacher_mlm_hidden: torch.Tensor | None = None
@@ -67,13 +68,14 @@ def features(method, batch: dict) -> Features:
                         text_keys=distributed.gather(text_feat, grad=True))
     with torch.no_grad():
         teacher_tokens, teacher_image = method.encode_image(batch["image"], teacher=True)
-        _, teacher_text, teacher_mlm_hidden = encode_captions(method, batch, teacher=True)
+        teacher_hidden, teacher_text, teacher_mlm_hidden = encode_captions(method, batch, teacher=True)
         queues = method.queues
         positives = ids[:, None] == torch.cat([batch_ids, queues.ids])[None]
         image_keys = torch.cat([distributed.gather(teacher_image), queues.image])  # cat copies: the queue
         text_keys = torch.cat([distributed.gather(teacher_text), queues.text])     # push is safe
     return Features(**student, positives=positives, image_keys=image_keys, text_keys=text_keys,
-                    teacher_tokens=teacher_tokens, teacher_image=teacher_image, teacher_text=teacher_text,
+                    teacher_tokens=teacher_tokens, teacher_hidden=teacher_hidden, teacher_image=teacher_image,
+                    teacher_text=teacher_text,
                     teacher_mlm_hidden=teacher_mlm_hidden)
 
 
