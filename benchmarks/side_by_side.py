@@ -31,13 +31,14 @@ import contextlib
 import io
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from machine import cpu_info, describe, peak_gflops
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -61,43 +62,6 @@ def vlpt_overrides(a) -> list[str]:
             f"method.queue_size={t['queue_size']}", f"data.batch_size={t['batch']}", f"train.threads={a.threads}",
             "data.num_workers=0", "data.augment=false", "train.precision=fp32", "eval.itc_weight=0",
             f"eval.k={a.k}", *a.overrides]
-
-
-# ------------------------------------------------------------------------------------------------- the machine
-def cpu_info() -> dict:
-    """lscpu's model name, core count, frequency and SIMD flags, and the fp32 peak estimated from them."""
-    try:
-        text = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        text = ""
-    fields = dict(re.findall(r"^([^:\n]+):\s*(.*)$", text, re.M))
-    flags = set(fields.get("Flags", "").split())
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    mhz, how = None, ""
-    for key in ("CPU max MHz", "CPU MHz"):
-        if fields.get(key):
-            mhz, how = float(fields[key]), key
-            break
-    if mhz is None and fields.get("BogoMIPS"):  # a VM often shows no frequency: BogoMIPS is 2 x the TSC rate
-        mhz, how = float(fields["BogoMIPS"]) / 2, "BogoMIPS / 2"
-    # fp32 FLOP per cycle per core: 2 FMA units x lanes x 2 (multiply and add). Server cores with AVX-512 have two
-    # 512-bit FMA units (some parts have one: then half this peak); AVX2 + FMA cores two 256-bit ones.
-    if "avx512f" in flags:
-        per_cycle, simd = 2 * 16 * 2, "AVX-512 (2 FMA units x 16 fp32 lanes assumed)"
-    elif "avx2" in flags and "fma" in flags:
-        per_cycle, simd = 2 * 8 * 2, "AVX2 + FMA (2 FMA units x 8 fp32 lanes)"
-    else:
-        per_cycle, simd = 8, "SSE (4 lanes, separate multiply and add)"
-    return {"model": fields.get("Model name", "unknown"), "cores": cores, "mhz": mhz, "mhz_from": how,
-            "avx512": sorted(f for f in flags if f.startswith("avx512")), "avx2": "avx2" in flags,
-            "amx": sorted(f for f in flags if f.startswith("amx")), "simd": simd, "flop_per_cycle": per_cycle}
-
-
-def peak_gflops(cpu: dict, threads: int) -> float | None:
-    """fp32 peak of `threads` cores (at most the cores there are): cores x GHz x FLOP per cycle."""
-    if not cpu["mhz"]:
-        return None
-    return min(threads, cpu["cores"]) * cpu["mhz"] / 1e3 * cpu["flop_per_cycle"]
 
 
 def count_flops(fn) -> int:
@@ -431,12 +395,7 @@ def table(res: dict, cpu: dict, threads: int) -> str:
     notes.append("1-minute load average before / after each side (2 = both cores busy): " + "; ".join(
         f"{name} {s['load_before_after'][0]:.1f} / {s['load_before_after'][1]:.1f}"
         for name, s in (("ALBEF", al), ("vlpt", vl)) if s and "load_before_after" in s))
-    notes.append(f"CPU: {cpu['model']}, {cpu['cores']} cores, {cpu['mhz'] or '?'} MHz ({cpu['mhz_from']}); "
-                 f"AVX-512: {'yes (' + ' '.join(cpu['avx512']) + ')' if cpu['avx512'] else 'no'}; "
-                 f"AVX2: {'yes' if cpu['avx2'] else 'no'}; AMX: {' '.join(cpu['amx']) or 'no'}")
-    if peak:
-        notes.append(f"peak assumed: {min(threads, cpu['cores'])} cores x {cpu['mhz'] / 1e3:.2f} GHz x "
-                     f"{cpu['flop_per_cycle']} fp32 FLOP/cycle ({cpu['simd']}) = {peak:.0f} GFLOP/s")
+    notes.extend(describe(cpu, threads).splitlines())
     return "\n".join(lines) + "\n\n" + "\n".join(f"- {n}" for n in notes if n)
 
 

@@ -33,6 +33,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
+from machine import cpu_info, describe, peak_gflops  # noqa: E402
+
 from vlpt import methods  # noqa: E402
 from vlpt.cli import find_config  # noqa: E402
 from vlpt.config import Config, load_config  # noqa: E402
@@ -296,11 +298,19 @@ def bench_setting(cfg: Config, device: torch.device, vocab: int, batch_size: int
             model.set_grad_checkpointing(cfg.train.grad_checkpointing)
         flops = flops_at[batch_size]
         row["gflop_per_sample"] = flops / batch / 1e9
-        peak = args.peak_tflops if args.peak_tflops is not None else (H100_BF16_TFLOPS if device.type == "cuda" else None)
+        peak = args.peak_tflops if args.peak_tflops is not None else default_peak_tflops(device)
         if peak:
             row["mfu"] = flops / seconds / (peak * 1e12)
         row["peak_tflops"] = peak
     return row
+
+
+def default_peak_tflops(device: torch.device) -> float | None:
+    """H100 bf16 on CUDA; on CPU the fp32 peak of the cores torch's threads use, estimated from lscpu (machine.py)."""
+    if device.type == "cuda":
+        return H100_BF16_TFLOPS
+    gflops = peak_gflops(cpu_info(), torch.get_num_threads())
+    return gflops / 1e3 if gflops else None
 
 
 def fmt(value, spec: str) -> str:
@@ -350,7 +360,8 @@ def parse_args(argv=None):
     p.add_argument("--data", default="", help="data folder (data.root): also time the trainer's loader alone on "
                    "data.train there (JSON pairs, or shards: data.train='shards/{000000..000009}.tar')")
     p.add_argument("--peak-tflops", type=float, default=None,
-                   help=f"device peak for MFU (default {H100_BF16_TFLOPS:g} on CUDA = H100 bf16 dense; none on CPU)")
+                   help=f"device peak for MFU (default {H100_BF16_TFLOPS:g} on CUDA = H100 bf16 dense; on CPU the fp32 "
+                   "peak of the threads' cores from lscpu: cores x GHz x FLOP/cycle of its SIMD, benchmarks/machine.py)")
     p.add_argument("--no-flops", action="store_true", help="skip the FLOP count (one extra untimed step)")
     p.add_argument("--flop-batch", type=int, default=64,
                    help="count FLOPs on the largest divisor of the batch up to this, scaled to the batch (default 64)")
@@ -393,6 +404,8 @@ def main(argv=None) -> list[dict]:
           f"{args.steps} steps back to back after {args.warmup} warm-up and {args.steps} isolated (synchronised) "
           f"ones\n")
     print(table(rows))
+    if any(r["device"] == "cpu" for r in rows):
+        print("\n" + describe(cpu_info(), torch.get_num_threads()))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"args": vars(args), "torch": torch.__version__, "rows": rows},

@@ -7,6 +7,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
+import machine  # noqa: E402
 import train_throughput  # noqa: E402
 
 import pytest  # noqa: E402
@@ -24,7 +25,25 @@ def test_train_throughput_runs_a_row_with_flops(method, capsys):
     assert len(rows) == 2 and all(r["samples_per_s"] > 0 and r["gflop_per_sample"] > 0 for r in rows)
     assert all(r["device"] == "cpu" and r["vocab"] == train_throughput.SHAPES_VOCAB for r in rows)
     assert rows[0]["gflop_per_sample"] == rows[1]["gflop_per_sample"]  # recomputation is not counted
+    if machine.peak_gflops(machine.cpu_info(), 1):  # lscpu names a frequency: MFU against the cores' fp32 peak
+        assert all(0 < r["mfu"] < 1 for r in rows)
     assert f"| {method}_tiny |" in capsys.readouterr().out
+
+
+LSCPU = "Vendor ID: {vendor}\nModel name: {model}\nCPU family: {family}\nCPU max MHz: 2000.0000\nFlags: fpu {flags}\n"
+
+
+@pytest.mark.parametrize("vendor,family,flags,per_cycle", [
+    ("GenuineIntel", "6", "avx2 fma avx512f", 64),  # two 512-bit FMA units
+    ("AuthenticAMD", "25", "avx2 fma avx512f", 32),  # Zen 4: 512-bit operations over two 256-bit units
+    ("AuthenticAMD", "25", "avx2 fma", 32),  # Zen 3
+    ("GenuineIntel", "6", "sse4_2", 8),
+])
+def test_cpu_peak_follows_the_simd_of_lscpu(vendor, family, flags, per_cycle):
+    cpu = machine.cpu_info(LSCPU.format(vendor=vendor, model="X", family=family, flags=flags))
+    assert cpu["flop_per_cycle"] == per_cycle and cpu["mhz"] == 2000.0
+    assert machine.peak_gflops(cpu, 1) == 2.0 * per_cycle  # one core x 2 GHz x FLOP per cycle
+    assert machine.peak_gflops(cpu, 10 ** 6) == cpu["cores"] * 2.0 * per_cycle  # at most the cores there are
 
 
 def test_train_throughput_gives_a_dvae_without_weights_a_stand_in(tmp_path):
