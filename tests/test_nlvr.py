@@ -229,8 +229,15 @@ def test_a_warning_when_dev_accuracy_stays_at_chance(albef, shapes_data):
         first = task.evaluate(model, "val")  # the first evaluation may be at chance
         task.evaluate(model, "test")         # test is no validation
     assert first["dev_accuracy"] == 50.0 and first["dev_majority"] == 50.0
-    with pytest.warns(UserWarning, match="dev accuracy 50.0 % is still at chance"):
+    with pytest.warns(UserWarning, match="dev accuracy 50.0 % is still at chance.*run text assignment first"):
         task.evaluate(model, "val")
+    assert not task.text_assigned
+    cfg.method.losses = [*cfg.method.losses, "nlvr_ta"]  # a checkpoint of text assignment: no advice to run it
+    task.build(methods.build(cfg, tok.vocab_size))
+    assert task.text_assigned
+    with pytest.warns(UserWarning, match="still at chance") as caught:
+        task.evaluate(model, "val")
+    assert "text assignment" not in str(caught[0].message)
 
 
 def write(tmp_path: Path, records) -> Path:

@@ -141,8 +141,10 @@ class NLVR2(Task):
     def __init__(self, cfg, tokenizer, device):
         super().__init__(cfg, tokenizer, device)
         self.val_evaluations = 0  # for the warning when the dev accuracy stays at chance
+        self.text_assigned = False
 
     def build(self, method) -> NLVRModel:
+        self.text_assigned = "nlvr_ta" in method.cfg.method.losses  # the checkpoint comes from text assignment
         return NLVRModel(method, self.cfg.task.fusion, self.cfg.task.distill)
 
     def batches(self, start: int):
@@ -171,10 +173,12 @@ class NLVR2(Task):
         if name == "dev":
             self.val_evaluations += 1
             if self.val_evaluations > 1 and at_chance(accuracy, majority, n):
+                hint = ("run text assignment first (task.fusion=paired, ALBEF Sec. 5); "
+                        if self.cfg.task.fusion == "paired" and not self.text_assigned else "")
                 warnings.warn(f"NLVR2 {name} accuracy {100 * accuracy:.1f} % is still at chance (majority class "
-                              f"{100 * majority:.1f} %, {n} pairs) after {self.val_evaluations} evaluations: with "
-                              f"task.fusion=paired run text assignment first (ALBEF Sec. 5); is the learning rate "
-                              f"right, does the checkpoint's fusion match images and text (ITM)?", stacklevel=2)
+                              f"{100 * majority:.1f} %, {n} pairs) after {self.val_evaluations} evaluations: {hint}is "
+                              f"the learning rate right, does the checkpoint's fusion match images and text (ITM)?",
+                              stacklevel=2)
         return {f"{name}_accuracy": round(100 * accuracy, 2), f"{name}_majority": round(100 * majority, 2),
                 f"{name}_pairs": n}
 
