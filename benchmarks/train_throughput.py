@@ -313,6 +313,10 @@ def default_peak_tflops(device: torch.device) -> float | None:
     return gflops / 1e3 if gflops else None
 
 
+def peak_text(tflops: float) -> str:
+    return f"{tflops:g} TFLOP/s" if tflops >= 1 else f"{1e3 * tflops:.0f} GFLOP/s"
+
+
 def fmt(value, spec: str) -> str:
     return "—" if value is None else format(value, spec)
 
@@ -326,7 +330,7 @@ def table(rows: list[dict], header: bool = True) -> str:
                  r["parallel"], "yes" if r["grad_checkpointing"] else "no", "yes" if r["compile"] else "no",
                  str(r["batch"]), str(r["vocab"]), fmt(r["samples_per_s"], ".1f"), fmt(r["ms_per_step"], ".1f"),
                  fmt(r.get("isolated_ms_per_step"), ".1f"), fmt(r["peak_mib"], ".0f"), r["memory"], fmt(r["gflop_per_sample"], ".2f"),
-                 "—" if r["mfu"] is None else f"{100 * r['mfu']:.1f} % of {r['peak_tflops']:g} TFLOP/s",
+                 "—" if r["mfu"] is None else f"{100 * r['mfu']:.1f} % of {peak_text(r['peak_tflops'])}",
                  fmt(r["loader_samples_per_s"], ".1f")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
