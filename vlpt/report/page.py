@@ -74,7 +74,7 @@ def curves(runs: list[Run], names: list[str], ylabels: dict[str, str] | None = N
     for ax in list(axes.flat)[len(names):]:
         ax.axis("off")
     fig.legend(handles=[Line2D([], [], color=c, label=run.name) for run, c in zip(runs, colours)],
-               loc="outside lower center", ncols=min(len(runs), 4), fontsize=8)
+               loc="outside upper center", ncols=min(len(runs), 4), fontsize=8)  # seen before the plots
     data = base64.b64encode(png_bytes(fig)).decode()
     return f'<img class="plot" alt="{html.escape(", ".join(names))}" src="data:image/png;base64,{data}">'
 
