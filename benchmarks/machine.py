@@ -49,7 +49,7 @@ def peak_gflops(cpu: dict, threads: int) -> float | None:
 
 
 def describe(cpu: dict, threads: int) -> str:
-    """One line: the CPU, its SIMD and the peak assumed for `threads` threads."""
+    """The CPU and its SIMD on one line; the peak assumed for `threads` threads on a second, where known."""
     peak = peak_gflops(cpu, threads)
     line = (f"CPU: {cpu['model']}, {cpu['cores']} cores, {cpu['mhz'] or '?'} MHz ({cpu['mhz_from']}); "
             f"AVX-512: {'yes (' + ' '.join(cpu['avx512']) + ')' if cpu['avx512'] else 'no'}; "
