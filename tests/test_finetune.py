@@ -182,3 +182,16 @@ def test_finetuned_retrieval_draws_hard_negatives_from_the_first_step(pretrained
     assert checkpoint.load_config(checkpoint.resolve(pretrained))["method"]["itm_easy_steps"] == 300
     cfg = finetune_config(find_config("finetune/retrieval_tiny.yaml"), [f"task.checkpoint={pretrained}"])
     assert cfg.method.itm_easy_steps == 0 and cfg.method.name == "albef"
+
+
+def test_finetuned_retrieval_ranks_by_its_checkpoints_rule(pretrained):
+    """The demo compares finetuned img_r1 with the checkpoint's zero-shot one: both must rerank by the same rule
+    (the tiny presets add the ITC logit, eval.itc_weight 1; before, finetuning fell back to ALBEF's 0 and its ITM-only
+    figure was set against an ITM + ITC one). A task's YAML or an override still decides."""
+    from vlpt.cli import find_config
+    from vlpt.tasks.base import finetune_config
+    assert checkpoint.load_config(checkpoint.resolve(pretrained))["eval"]["itc_weight"] == 1.0
+    preset = find_config("finetune/retrieval_tiny.yaml")
+    assert finetune_config(preset, [f"task.checkpoint={pretrained}"]).eval.itc_weight == 1.0
+    assert finetune_config(preset, [f"task.checkpoint={pretrained}", "eval.itc_weight=0"]).eval.itc_weight == 0.0
+    assert finetune_config(preset, [f"task.checkpoint={pretrained}"]).eval.k == 16  # the task's YAML

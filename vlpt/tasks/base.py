@@ -144,15 +144,16 @@ class TaskModel(nn.Module):
 
 
 def finetune_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
-    """A task config on top of its checkpoint's: the checkpoint's model and method, then the task's YAML, then
-    key=value overrides."""
+    """A task config on top of its checkpoint's: the checkpoint's model, method and evaluation rule (`eval`: so a
+    finetuned model is ranked as its zero-shot figures were, unless the task's YAML says otherwise), then the task's
+    YAML, then key=value overrides."""
     from vlpt.engine import checkpoint
     first = load_config(path, overrides)
     if not first.task.checkpoint:
         raise ConfigError("task.checkpoint is empty: give the pretraining checkpoint to start from (--checkpoint)")
     base = checkpoint.load_config(checkpoint.resolve(first.task.checkpoint))
     base.pop("task", None)
-    return load_config(path, overrides, base={k: v for k, v in base.items() if k in ("model", "method")})
+    return load_config(path, overrides, base={k: v for k, v in base.items() if k in ("model", "method", "eval")})
 
 
 def finetune(cfg: Config) -> Path:
