@@ -192,6 +192,7 @@ def test_finetuned_retrieval_ranks_by_its_checkpoints_rule(pretrained):
     from vlpt.tasks.base import finetune_config
     assert checkpoint.load_config(checkpoint.resolve(pretrained))["eval"]["itc_weight"] == 1.0
     preset = find_config("finetune/retrieval_tiny.yaml")
-    assert finetune_config(preset, [f"task.checkpoint={pretrained}"]).eval.itc_weight == 1.0
+    cfg = finetune_config(preset, [f"task.checkpoint={pretrained}"])
+    assert cfg.eval.itc_weight == 1.0
     assert finetune_config(preset, [f"task.checkpoint={pretrained}", "eval.itc_weight=0"]).eval.itc_weight == 0.0
-    assert finetune_config(preset, [f"task.checkpoint={pretrained}"]).eval.k == 16  # the task's YAML
+    assert cfg.eval.k == 16  # the task's YAML

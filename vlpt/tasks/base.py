@@ -152,7 +152,6 @@ def finetune_config(path: str | Path | None, overrides: list[str] = ()) -> Confi
     if not first.task.checkpoint:
         raise ConfigError("task.checkpoint is empty: give the pretraining checkpoint to start from (--checkpoint)")
     base = checkpoint.load_config(checkpoint.resolve(first.task.checkpoint))
-    base.pop("task", None)
     return load_config(path, overrides, base={k: v for k, v in base.items() if k in ("model", "method", "eval")})
 
 
