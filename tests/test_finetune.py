@@ -67,6 +67,15 @@ def test_ve_finetunes_beside_a_majority_baseline_and_refuses_an_untrained_head(p
     assert "no trained 've' head" in err and "vlpt finetune ve" in err
 
 
+def test_without_a_validation_split_the_last_step_is_tested(pretrained, shapes_data, tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr(ve.VisualEntailment, "evaluate", lambda self, model, split: seen.append(split) or {"accuracy": 0.0})
+    metrics = finetune("ve", shapes_data, pretrained, tmp_path / "ve", "task.val_split=")
+    assert seen == ["test"]  # no validation pass at step 2 or 4, one test pass
+    assert metrics["selected_step"] == 4 and not any(k.startswith("val_") for k in metrics)
+    assert not (tmp_path / "ve" / "best").exists()
+
+
 def test_a_killed_finetune_resumes_bitwise(pretrained, shapes_data, tmp_path):
     finetune("ve", shapes_data, pretrained, tmp_path / "whole")
     finetune("ve", shapes_data, pretrained, tmp_path / "cut", "train.steps=2")

@@ -150,7 +150,7 @@ class TaskConfig:
     name: str = opt("", "registered task name (`vlpt evaluate --help` lists them); empty in pretraining configs")
     checkpoint: str = opt("", "pretraining (or task) checkpoint or run folder whose encoders the task starts from")
     val_split: str = opt("val", "the split that selects the best checkpoint while finetuning (SNLI-VE and NLVR2 "
-                         "name theirs 'dev')")
+                         "name theirs 'dev'); empty: no validation, the last step is tested")
 
 
 @dataclass

@@ -156,8 +156,9 @@ def finetune_config(path: str | Path | None, overrides: list[str] = ()) -> Confi
 
 
 def finetune(cfg: Config) -> Path:
-    """Train task `task.name` from the encoders of `task.checkpoint`, keep the best validation step, and write its
-    test metrics to `<train.out>/metrics.json`; returns the run folder."""
+    """Train task `task.name` from the encoders of `task.checkpoint`, keep the best validation step (the last one
+    where `task.val_split` is empty), and write its test metrics to `<train.out>/metrics.json`; returns the run
+    folder."""
     from vlpt.engine import checkpoint
     from vlpt.engine.fit import fit
     from vlpt.engine.runtime import setup
@@ -179,12 +180,13 @@ def finetune(cfg: Config) -> Path:
     task = task_cls(cfg, tokenizer, device)
     model = task.build(method).to(device)
     meta = {"method": cfg.method.name, "task": task.name, "heads": [task.name], "data": cfg.data.root}
-    out = fit(model, cfg, device, task.batches, vocab=tokenizer.vocab_path, resume=resume,
-              evaluate=lambda m: task.evaluate(m, cfg.task.val_split), select=task.select, meta=meta,
-              desc=task.name)
-    checkpoint.load_weights(out / "best", model)
+    validate = (lambda m: task.evaluate(m, cfg.task.val_split)) if cfg.task.val_split else None
+    out = fit(model, cfg, device, task.batches, vocab=tokenizer.vocab_path, resume=resume, evaluate=validate,
+              select=task.select, meta=meta, desc=task.name)
+    chosen = out / "best" if validate else checkpoint.resolve(out, latest=True)  # no validation: the last step
+    checkpoint.load_weights(chosen, model)
     model.eval()
-    step = checkpoint.read_meta(out / "best")["step"]
+    step = checkpoint.read_meta(chosen)["step"]
     selected = [r for r in read_metrics(out) if r["step"] == step and f"val_{task.select}" in r][-1:]
     metrics = {"protocol": "finetuned", "selected_step": step,  # with the validation metrics of that step
                **{k: v for row in selected for k, v in row.items() if k.startswith("val_")},
