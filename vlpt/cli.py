@@ -98,7 +98,7 @@ def cmd_evaluate_all(args) -> dict:
 
 def cmd_demo(args) -> None:
     from vlpt import demo
-    rows = demo.run(args.method, Path(args.data), Path(args.out), args.overrides)
+    rows = demo.run(args.method, Path(args.data), Path(args.out), args.overrides, jobs=args.jobs)
     print(demo.table(rows))
     print(f"metrics of every stage under {args.out}; this table in {Path(args.out) / 'demo.json'}")
     print("try it in a browser:", serve_command(Path(args.out), args.method, Path(args.data)))
@@ -265,7 +265,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--method", default="albef")
     s.add_argument("--data", default="data/shapes")
     s.add_argument("--out", default="runs/demo")
-    s.add_argument("overrides", nargs="*", help="key=value overrides of every stage's tiny config")
+    s.add_argument("--jobs", type=int, default=0, help="downstream stages run at a time, each with its share of the "
+                                                      "CPU's threads (default 0: 2 on a CPU, 1 on a GPU)")
+    s.add_argument("overrides", nargs="*", help="key=value overrides of every stage (after configs/demo/stages.yaml)")
     s.set_defaults(func=cmd_demo)
 
     visualize_parsers(sub)
