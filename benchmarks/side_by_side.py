@@ -213,6 +213,7 @@ def vlpt_side(a) -> dict:
     from vlpt.data.tokenizer import Tokenizer
     from vlpt.engine.fit import train_step
     from vlpt.engine.optim import build_optimizer
+    from vlpt.engine.parallel import prepare
     from vlpt.engine.profiling import step_flops
     from vlpt.tasks import retrieval
 
@@ -234,6 +235,7 @@ def vlpt_side(a) -> dict:
     del loader
     torch.manual_seed(cfg.train.seed)
     model = methods.build(train_cfg, tokenizer.vocab_size).to(device).train()
+    prepare(model, train_cfg, device)  # as the trainer does: `train.compile`, `train.grad_checkpointing`
     optimizer, scheduler = build_optimizer(model, train_cfg, device)
     times, cpu = [], 0.0
     for step, batch in enumerate(batches):
