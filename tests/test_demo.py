@@ -49,6 +49,8 @@ def test_stage_overrides_come_from_the_budget_file_and_a_bad_one_is_named(tmp_pa
     assert cfg.train.compile and cfg.train.steps == 700  # compiled, the preset's steps
     ve = load_config(demo.find_config("finetune/ve_tiny.yaml"), demo.stage_overrides("ve"))
     assert ve.task.val_split == "" and ve.train.steps == 100
+    for task in (*demo.FINETUNED, "nlvr_ta"):  # every line applies to its stage's preset (a bad key would fail)
+        load_config(demo.find_config(f"finetune/{task}_tiny.yaml"), demo.stage_overrides(task))
     bad = tmp_path / "stages.yaml"
     bad.write_text("pretraining: [train.steps=1]\n")
     monkeypatch.setattr(demo, "STAGES", str(bad))
