@@ -6,11 +6,12 @@ import pytest
 from vlpt import demo
 from vlpt.cli import main
 from vlpt.config import load_config
+from vlpt.engine.checkpoint import resolve
 from vlpt.errors import ConfigError
 from helpers import TINY
 
 
-def test_demo_runs_every_stage_and_prints_one_table(shapes_data, tmp_path, capsys):
+def test_demo_runs_every_stage_and_prints_one_table(shapes_data, tmp_path, capsys, monkeypatch):
     # the tiny presets' model itself (no model key given: each stage must take it from the run before), few steps
     small = [o for o in TINY if o.startswith(("data.", "train."))]
     steps = ["train.steps=2", "train.save_every=2", "train.eval_every=2", "eval.batch_size=16",
@@ -20,8 +21,8 @@ def test_demo_runs_every_stage_and_prints_one_table(shapes_data, tmp_path, capsy
     rows = json.loads((tmp_path / "demo.json").read_text())
     stages = [r["stage"] for r in rows]
     assert stages == ["data", "pretrain albef", "retrieval, zero-shot", "  binding (hard negatives)",
-                      "classification, zero-shot", "retrieval, finetuned", "SNLI-VE", "NLVR2 text assignment",
-                      "NLVR2 (test-P)", "VQA", "captioning", "grounding", "total (wall)"]
+                      "classification, zero-shot", "retrieval, finetuned", "SNLI-VE", "NLVR2 (test-P)", "VQA",
+                      "captioning", "grounding", "total (wall)"]  # NLVR2's tiny preset: separate fusion, no TA
     for r in rows:
         assert r["stage"] in printed and r["seconds"] >= 0
     zero = json.loads((tmp_path / "albef" / "metrics.json").read_text())
@@ -29,9 +30,9 @@ def test_demo_runs_every_stage_and_prints_one_table(shapes_data, tmp_path, capsy
     ve = json.loads((tmp_path / "ve" / "metrics.json").read_text())
     assert rows[6]["value"] == ve["accuracy"] and rows[6]["baseline_value"] == ve["majority_baseline"]
     vqa = json.loads((tmp_path / "vqa" / "metrics.json").read_text())
-    assert rows[9]["value"] == vqa["vqa_accuracy"] and rows[9]["baseline_value"] == vqa["prior_baseline"]
+    assert rows[8]["value"] == vqa["vqa_accuracy"] and rows[8]["baseline_value"] == vqa["prior_baseline"]
     grounding = json.loads((tmp_path / "grounding" / "metrics.json").read_text())
-    assert rows[11]["baseline_value"] == grounding["random_baseline"] and rows[11]["task"] == "grounding"
+    assert rows[10]["baseline_value"] == grounding["random_baseline"] and rows[10]["task"] == "grounding"
     assert "total (wall)" in printed.splitlines()[-3]
     assert rows[-1]["seconds"] >= max(r["seconds"] for r in rows[:-1])
     # the downstream stages ran two at a time, each printing into its own log; the given overrides won over
@@ -42,6 +43,14 @@ def test_demo_runs_every_stage_and_prints_one_table(shapes_data, tmp_path, capsy
     assert printed.splitlines()[-1] == (f"try it in a browser: vlpt serve --checkpoint {tmp_path / 'albef'} --images "
                                         f"{shapes_data / 'images' / 'test'} --heads {tmp_path / 'vqa'} "
                                         f"{tmp_path / 'caption'}")
+    # the paired fusion (ALBEF's) in the budget file: text assignment first, and NLVR2 starts from its run
+    stages = tmp_path / "stages.yaml"
+    stages.write_text("nlvr: [task.fusion=paired, task.val_split=]\n")
+    monkeypatch.setattr(demo, "STAGES", str(stages))
+    paired = demo.finetune_stage("nlvr", "albef", shapes_data, tmp_path, [*small, *steps], 0.0)
+    assert [r["stage"] for r in paired] == ["NLVR2 text assignment", "NLVR2 (test-P)"]
+    config = (resolve(tmp_path / "nlvr") / "config.yaml").read_text()
+    assert "fusion: paired" in config and f"checkpoint: {tmp_path / 'nlvr_ta'}" in config
 
 
 def test_stage_overrides_come_from_the_budget_file_and_a_bad_one_is_named(tmp_path, monkeypatch):

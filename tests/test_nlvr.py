@@ -178,7 +178,7 @@ def test_the_teacher_starts_as_the_loaded_student(assigned, shapes_data, tmp_pat
     monkeypatch.setattr(vlpt.engine.fit, "fit", inspect)
     with pytest.raises(Stop):
         vlpt.cli.main(["finetune", "nlvr", "--config", "finetune/nlvr_tiny.yaml", "--checkpoint", str(assigned),
-                       *FINETUNE, f"data.root={shapes_data}", f"train.out={tmp_path / 'ft'}"])
+                       *FINETUNE, "task.fusion=paired", f"data.root={shapes_data}", f"train.out={tmp_path / 'ft'}"])
 
 
 @pytest.mark.filterwarnings("ignore:NLVR2 dev accuracy")  # two steps stay at chance
@@ -267,7 +267,9 @@ def test_a_record_missing_a_field_names_file_record_and_field(tmp_path, field):
 
 def test_presets_load_as_the_task_and_method_they_name():
     tiny = load_config(find_config("finetune/nlvr_tiny.yaml"))
-    assert (tiny.task.name, tiny.task.fusion, tiny.task.val_split, tiny.task.distill) == ("nlvr", "paired", "val", True)
+    assert (tiny.task.name, tiny.task.fusion, tiny.task.val_split, tiny.task.distill) == ("nlvr", "separate", "val",
+                                                                                          True)
+    assert (tiny.optim.lr, tiny.train.steps) == (1e-4, 3000)  # the separate fusion needs ~1,500 steps to leave chance
     base = load_config(find_config("finetune/nlvr_base.yaml"))  # ALBEF configs/NLVR.yaml
     assert (base.optim.lr, base.optim.min_lr, base.optim.warmup_lr, base.method.alpha) == (2e-5, 1e-6, 1e-5, 0.4)
     assert (base.model.vision.image_size, base.data.batch_size * 8, base.task.val_split) == (384, 128, "dev")

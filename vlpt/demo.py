@@ -19,7 +19,6 @@ from vlpt.engine.runtime import pick_device
 from vlpt.errors import ConfigError, VlptError
 
 FINETUNED = ("retrieval", "ve", "nlvr", "vqa", "caption", "grounding")  # in this order, each from the pretraining checkpoint
-NLVR_FUSION = {"maskvlm": "separate"}    # MaskVLM's way (no text assignment); the others: ALBEF's paired fusion
 STAGES = "demo/stages.yaml"              # the demo's budget: each stage's overrides of its tiny preset
 LONGEST_FIRST = {"nlvr": 6, "caption": 5, "vqa": 4, "retrieval": 3, "grounding": 2, "ve": 1}  # side-by-side order
 
@@ -108,20 +107,16 @@ def _finetune_stage(task, method, data, out, overrides, zero_img_r1) -> list[dic
     from vlpt.pretrain import pretrain, pretrain_config
     from vlpt.tasks.base import finetune, finetune_config, registry
 
-    rows, source, extra = [], out / method, []
-    if task == "nlvr":
-        fusion = NLVR_FUSION.get(method, "paired")
-        extra = [f"task.fusion={fusion}"]
-        if fusion == "paired":  # ALBEF's text assignment first; NLVR2 starts from that run
-            ta_out = out / "nlvr_ta"
-            ta = pretrain_config(find_config("finetune/nlvr_ta_tiny.yaml"),
-                                 [*stage_overrides("nlvr_ta"), *overrides, f"train.init={source}",
-                                  f"data.root={data}", f"train.out={ta_out}"])
-            rows.append(row("NLVR2 text assignment", timed(lambda: pretrain(ta))[1]))
-            source = ta_out
-    ft = finetune_config(task_preset(task, method),
-                         [*stage_overrides(task), *overrides, f"task.checkpoint={source}", f"data.root={data}",
-                          f"train.out={out / task}", *extra])
+    rows, source, preset = [], out / method, task_preset(task, method)
+    given = [*stage_overrides(task), *overrides, f"data.root={data}", f"train.out={out / task}"]
+    ft = finetune_config(preset, [*given, f"task.checkpoint={source}"])
+    if task == "nlvr" and ft.task.fusion == "paired":  # ALBEF's text assignment first; NLVR2 starts from that run
+        ta_out = out / "nlvr_ta"
+        ta = pretrain_config(find_config("finetune/nlvr_ta_tiny.yaml"),
+                             [*stage_overrides("nlvr_ta"), *overrides, f"train.init={source}",
+                              f"data.root={data}", f"train.out={ta_out}"])
+        rows.append(row("NLVR2 text assignment", timed(lambda: pretrain(ta))[1]))
+        ft = finetune_config(preset, [*given, f"task.checkpoint={ta_out}"])
     m, s = timed(lambda: json.loads((finetune(ft) / "metrics.json").read_text()))
     task_cls = registry.get(task)
     metric, value, baseline, baseline_value = task_cls.headline(m)
