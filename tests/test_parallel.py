@@ -8,6 +8,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -40,7 +41,21 @@ def torchrun(root: Path, out: Path, *extra: str, nproc: int = 2, preset: str = M
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr",
            "127.0.0.1", "--master-port", str(free_port()), "-m", "vlpt", "pretrain", "--config", preset,
            *overrides(root, out, *extra)]
+    before = out.with_name(out.name + ".before")  # what a rerun starts from (a resume's rolled-back run)
+    if out.exists():
+        shutil.copytree(out, before)
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    if proc.returncode and "Signal 11 (SIGSEGV)" in proc.stderr:
+        # A rank died in native code: rarely (once in CI on 2026-12-07, rank 0 inside the gloo all-gather of an FSDP
+        # checkpoint; 70 runs of that test here did not repeat it). Shown, and run once more from the same start: a
+        # crash that repeats, and every other failure, fails the test.
+        warnings.warn(f"a torchrun rank segfaulted; running it once more. Its output:\n{proc.stderr[-4000:]}")
+        shutil.rmtree(out, ignore_errors=True)
+        if before.exists():
+            shutil.copytree(before, out)
+        cmd[cmd.index("--master-port") + 1] = str(free_port())
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    shutil.rmtree(before, ignore_errors=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
 
 

@@ -440,3 +440,18 @@ def test_an_augmented_json_run_resumes_bitwise(shapes_data, tmp_path, num_worker
     plain = train(config(shapes_data, tmp_path / "plain", "train.steps=4", f"data.num_workers={num_workers}"))
     c = load_file(checkpoint.resolve(plain) / checkpoint.WEIGHTS)
     assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_a_native_crash_prints_the_python_stack_of_the_command():
+    """A segfault inside a library (seen once in CI: gloo under FSDP) must say where Python was: `vlpt` turns on
+    faulthandler, so a crash in a command's code prints that code's frames."""
+    code = ("import ctypes, vlpt.cli\n"
+            "def crash_in_command(args):\n"
+            "    ctypes.string_at(0)\n"
+            "vlpt.cli.cmd_synth = crash_in_command\n"
+            "vlpt.cli.main(['data', 'synth', '--out', 'never-written'])\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONFAULTHANDLER": ""})
+    assert proc.returncode == -signal.SIGSEGV, (proc.returncode, proc.stderr[-2000:])
+    assert "Fatal Python error: Segmentation fault" in proc.stderr
+    assert "crash_in_command" in proc.stderr, proc.stderr[-2000:]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import faulthandler
 import json
 import sys
 from pathlib import Path
@@ -321,6 +323,9 @@ def main(argv: list[str] | None = None) -> None:
     """Run one command. vlpt's own errors (bad input: a key, a value, a file) print one line and exit with code 2;
     anything else is a bug and keeps its traceback."""
     args = parser().parse_args(argv)
+    if not faulthandler.is_enabled():  # a crash in native code (a segfault in a library) prints every thread's stack
+        with contextlib.suppress(OSError, ValueError):  # a stderr with no file descriptor (captured) cannot have it
+            faulthandler.enable()
     try:
         args.func(args)
     except BrokenPipeError:  # output piped into `head` and the like
