@@ -123,9 +123,11 @@ DIAGNOSIS = {
     "albef:pool-cls": (ALBEF, ["model.text.pool=cls"]),
     "albef:patch-8": (ALBEF, ["model.vision.patch_size=8"]),
     "albef:temperature-0.2": (ALBEF, ["method.temperature=0.2"]),
-    # each caption with two of its colours exchanged is one more ITM negative of its image (binding's negatives)
-    "albef:swap-colours": (ALBEF, ["method.itm_swap_words=[[red,green,blue,yellow,purple,orange,white,cyan]]"]),
 }
+# each caption with two of its colours exchanged is one more ITM negative of its image (binding's negatives)
+SWAP_COLOURS = "method.itm_swap_words=[[red,green,blue,yellow,purple,orange,white,cyan]]"
+DIAGNOSIS.update({f"{name}:swap-colours": (preset, [SWAP_COLOURS])
+                  for name, preset in [("albef", ALBEF), ("codis", CODIS), ("maskvlm", MASKVLM), ("cbvila", CBVILA)]})
 ROWS.update(DIAGNOSIS)
 
 
