@@ -12,11 +12,13 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from vlpt.engine import checkpoint
@@ -455,3 +457,22 @@ def test_a_native_crash_prints_the_python_stack_of_the_command():
     assert proc.returncode == -signal.SIGSEGV, (proc.returncode, proc.stderr[-2000:])
     assert "Fatal Python error: Segmentation fault" in proc.stderr
     assert "crash_in_command" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_a_run_folder_short_of_its_steps_warns_which_checkpoint_it_gives(finished_run, tmp_path):
+    """Evaluating `runs/X` while X still trains silently took its step-350 checkpoint once (issue 14's session): a run
+    folder whose latest checkpoint is short of `train.steps` says so; a finished run, a checkpoint folder named
+    outright, and resuming (which wants the latest) do not."""
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    ckpt = checkpoint.resolve(run)
+    values = yaml.safe_load((ckpt / checkpoint.CONFIG).read_text())
+    values["train"]["steps"] = 700  # as a run that is still on its way to step 700
+    (ckpt / checkpoint.CONFIG).write_text(yaml.safe_dump(values))
+    with pytest.warns(UserWarning, match=r"step 1 of 700 \(the run is still training, or stopped early\)"):
+        assert checkpoint.resolve(run) == ckpt
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert checkpoint.resolve(ckpt) == ckpt
+        assert checkpoint.resolve("latest", run, latest=True) == ckpt
+        assert checkpoint.resolve(finished_run) == checkpoint.resolve(finished_run / "checkpoints" / "step_000001")

@@ -23,6 +23,7 @@ import os
 import random
 import re
 import shutil
+import warnings
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -180,13 +181,27 @@ def resolve(path: str | Path, out: str | Path | None = None, latest: bool = Fals
     `latest` (resuming), always its latest."""
     path = Path(out) if str(path) == "latest" and out else Path(path)
     if (path / "latest").is_file():
-        best = _present(path / "best")
+        run, best = path, _present(path / "best")
         use_best = not latest and (best / WEIGHTS).is_file()
         path = best if use_best else path / "checkpoints" / (path / "latest").read_text().strip()
+        if not latest and not use_best:
+            _warn_if_unfinished(run, path)
     path = _present(path)
     if not (path / WEIGHTS).is_file():
         raise NoCheckpoint(f"no checkpoint at {path} (expected {WEIGHTS}; give a checkpoint or run folder)")
     return path
+
+
+def _warn_if_unfinished(run: Path, path: Path) -> None:
+    """Say so when a run folder's latest checkpoint falls short of its `train.steps`: a run still training (or one
+    that stopped early) would otherwise be evaluated or finetuned from a half-trained checkpoint without a word."""
+    try:
+        steps = int(yaml.safe_load((path / CONFIG).read_text())["train"]["steps"])
+    except (OSError, KeyError, TypeError, ValueError, yaml.YAMLError):
+        return
+    if 0 <= _step_of(path) < steps:
+        warnings.warn(f"{run}: its latest checkpoint is step {_step_of(path)} of {steps} (the run is still "
+                      f"training, or stopped early): using {path}", stacklevel=3)
 
 
 def read_meta(path: Path) -> dict:
