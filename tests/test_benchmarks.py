@@ -66,6 +66,16 @@ def test_retrieval_eval_compares_the_batched_and_the_loop_reranking(shapes_data,
     assert "recall metrics identical" in capsys.readouterr().out
 
 
+def test_every_compare_methods_row_is_a_shipped_preset_with_known_keys():
+    """A row that names a missing preset or a misspelled key would only fail after the rows before it had trained."""
+    import compare_methods
+    from vlpt.cli import find_config
+    from vlpt.config import load_config
+    for name, (preset, extra) in compare_methods.ROWS.items():
+        cfg = load_config(find_config(preset), extra)
+        assert cfg.method.name == name.split(":")[0], name
+
+
 def test_compare_methods_trains_and_evaluates_a_row(shapes_data, tmp_path, capsys):
     import compare_methods
     compare_methods.main(["--data", str(shapes_data), "--rows", "albef", "cbvila:mlm+itm+pixel", "--steps", "2",

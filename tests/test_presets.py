@@ -18,6 +18,7 @@ import yaml
 from PIL import Image
 from torchvision import transforms as T
 
+from vlpt.data.synthetic import COLOURS
 from vlpt.data.transforms import (ALBEF_AUGMENT_OPS, CROP_SCALE, RandomAugment, RandomResizedCrop, apply_op, crop_box,
                                   denormalize, image_transform)
 from vlpt.objectives.contrastive import alignment_loss, itc_loss
@@ -209,6 +210,19 @@ def test_tiny_presets_resolve_as_before_except_the_intended_weights(method):
     assert cfg["optim"] == before.get("optim", TINY_OPTIM)
     assert cfg["train"] == before["train"]
     assert cfg["data"] == TINY_DATA
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_binding_presets_are_the_tiny_ones_with_colour_swaps_and_4x_the_steps(method):
+    """Issue 13's recipe: the tiny preset, each caption's colours swapped as one more ITM negative (every colour the
+    embedded data draws), 4x the steps; nothing else differs."""
+    tiny, binding = preset(method, "tiny"), preset(method, "tiny_binding")
+    assert binding["method"].pop("itm_swap_words") == [list(COLOURS)]
+    assert binding["method"] == tiny["method"]
+    assert tiny["train"].pop("steps") == 700 and binding["train"].pop("steps") == 2800
+    assert tiny["train"].pop("out") + "_binding" == binding["train"].pop("out") == f"runs/{method}_tiny_binding"
+    assert (tiny["train"].pop("save_every"), binding["train"].pop("save_every")) == (350, 700)
+    assert binding == tiny
 
 
 # --- augmentation: ALBEF's crop + RandomAugment(2, 7), no colour op, no flip ----------------------------------------
