@@ -188,15 +188,17 @@ def built_in_methods() -> set[str]:
 
 
 def test_the_shipped_presets_are_a_tiny_and_a_base_per_method_and_per_finetuned_task():
-    """README, Adding a method: a method is its file and the presets NAME_{tiny,base}.yaml; the model presets
-    underneath them. A task that trains ships finetune/TASK_tiny.yaml and base presets TASK[_DATASET]_base.yaml,
-    each selecting its task."""
+    """README, Adding a method: a method is its file and the presets NAME_{tiny,base}.yaml (and variants
+    NAME_tiny_VARIANT.yaml: issue 13's binding recipe for the four methods it names); the model presets underneath
+    them. A task that trains ships finetune/TASK_tiny.yaml and base presets TASK[_DATASET]_base.yaml, each selecting
+    its task."""
     from vlpt.tasks import registry
     assert built_in_methods() == {"albef", "codis", "maskvlm", "cbvila", "simla", "semmim"}
     shipped = {p.relative_to(CONFIGS).as_posix() for p in SHIPPED}
     assert {p for p in shipped if not p.startswith("finetune/")} == {
         "model/tiny.yaml", "model/base.yaml",
-        *(f"pretrain/{m}_{size}.yaml" for m in built_in_methods() for size in ("tiny", "base"))}
+        *(f"pretrain/{m}_{size}.yaml" for m in built_in_methods() for size in ("tiny", "base")),
+        *(f"pretrain/{m}_tiny_binding.yaml" for m in ("albef", "codis", "maskvlm", "cbvila"))}
     trained = {name for name in registry.names() if registry.get(name).trains}
     finetune = [p for p in SHIPPED if p.parent.name == "finetune"]
     assert {p.stem.split("_")[0] for p in finetune} == trained
@@ -213,7 +215,7 @@ def test_every_pretrain_preset_passes_methods_check_as_the_method_it_is_named_fo
     from vlpt import methods
 
     cfg = load_config(path)
-    method, size = path.stem.rsplit("_", 1)
+    method, size = path.stem.split("_")[:2]  # NAME_SIZE[_VARIANT]
     cls = methods.check(cfg)
     assert cls.name == cfg.method.name == method and type(cfg.method) is cls.config
     assert cfg.method.losses and set(cfg.method.losses) <= set(cls.loss_names)
