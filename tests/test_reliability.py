@@ -462,7 +462,7 @@ def test_a_native_crash_prints_the_python_stack_of_the_command():
 def test_a_run_folder_short_of_its_steps_warns_which_checkpoint_it_gives(finished_run, tmp_path):
     """Evaluating `runs/X` while X still trains silently took its step-350 checkpoint once (issue 14's session): a run
     folder whose latest checkpoint is short of `train.steps` says so; a finished run, a checkpoint folder named
-    outright, and resuming (which wants the latest) do not."""
+    outright, resuming (which wants the latest) and a converted release do not."""
     run = tmp_path / "run"
     shutil.copytree(finished_run, run)
     ckpt = checkpoint.resolve(run)
@@ -476,3 +476,6 @@ def test_a_run_folder_short_of_its_steps_warns_which_checkpoint_it_gives(finishe
         assert checkpoint.resolve(ckpt) == ckpt
         assert checkpoint.resolve("latest", run, latest=True) == ckpt
         assert checkpoint.resolve(finished_run) == checkpoint.resolve(finished_run / "checkpoints" / "step_000001")
+        meta = json.loads((ckpt / checkpoint.META).read_text())
+        (ckpt / checkpoint.META).write_text(json.dumps({**meta, "converted": {"from": "albef"}}))
+        assert checkpoint.resolve(run) == ckpt  # a converted release: step 0 of the paper's schedule, not a run

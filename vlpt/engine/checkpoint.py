@@ -194,10 +194,13 @@ def resolve(path: str | Path, out: str | Path | None = None, latest: bool = Fals
 
 def _warn_if_unfinished(run: Path, path: Path) -> None:
     """Say so when a run folder's latest checkpoint falls short of its `train.steps`: a run still training (or one
-    that stopped early) would otherwise be evaluated or finetuned from a half-trained checkpoint without a word."""
+    that stopped early) would otherwise be evaluated or finetuned from a half-trained checkpoint without a word. A
+    converted release (step 0 of the paper's schedule) is not a run."""
     try:
         steps = int(yaml.safe_load((path / CONFIG).read_text())["train"]["steps"])
-    except (OSError, KeyError, TypeError, ValueError, yaml.YAMLError):
+        if "converted" in read_meta(path):
+            return
+    except (OSError, KeyError, TypeError, ValueError, yaml.YAMLError):  # ValueError: a CheckpointError too
         return
     if 0 <= _step_of(path) < steps:
         warnings.warn(f"{run}: its latest checkpoint is step {_step_of(path)} of {steps} (the run is still "
