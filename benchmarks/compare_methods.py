@@ -4,13 +4,16 @@ For each row: pretrain from scratch with the trainer, evaluate zero-shot retriev
 the final ITM loss beside its prior, txt_r1, img_r1, r_mean (ITM-reranked, as `vlpt evaluate`), the ITC-only img_r1,
 attribute binding by ITC and by ITM, wall time per step relative to ALBEF, and codebook usage (codewords that are
 some feature's nearest in the last logged step, in % of K). With several `--seeds`, every row runs once per seed and
-a last table gives mean ± std over them.
+a last table gives mean ± std over them. Last, a line per paper table and metric (`paper_tables.py`) says which of
+the paper's orderings of the rows hold here and which of them the seeds separate. `--from-json` joins the rows of
+earlier runs (several lanes, or seeds run apart) into these tables without training.
 `--ipot` also times the IPOT solve against a whole training step of a config (its share of the step).
 
     python benchmarks/compare_methods.py --data data/shapes                     # every row, tiny configs
     python benchmarks/compare_methods.py --data data/shapes --rows albef codis --steps 200
     python benchmarks/compare_methods.py --data data/shapes --rows albef codis maskvlm cbvila --seeds 0 1 2 \
         eval.itc_weight=0                                                      # issue 13's table
+    python benchmarks/compare_methods.py --from-json runs/a.json runs/b.json  # their rows in one table
     python benchmarks/compare_methods.py --ipot configs/pretrain/codis_base.yaml --device cuda
 """
 from __future__ import annotations
@@ -29,6 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from paper_tables import report as paper_orderings  # noqa: E402
 from train_throughput import BERT_VOCAB, sync, synthetic_batches  # noqa: E402
 
 from vlpt import methods  # noqa: E402
@@ -175,7 +179,7 @@ def run_row(name: str, args, seed: int | None = None) -> dict:
                "codebook_usage_pct": None if usage is None else 100 * usage / cfg.method.codebook.size,
                "train_s": seconds}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")  # the run folder's, for `vlpt report`
-    return {"row": name, "seed": cfg.train.seed, "run": str(out), **metrics}
+    return {"row": name, "seed": cfg.train.seed, "steps": args.steps, "run": str(out), **metrics}
 
 
 def ipot_share(config: str, args) -> dict:
@@ -265,6 +269,8 @@ def main(argv=None) -> None:
     p.add_argument("--json", default="", help="also write the rows here")
     p.add_argument("--report", default="", help="also write the rows' runs as a `vlpt report` HTML page here: curves, "
                    "metrics, config differences and each method's ablation table (mean ± std over --seeds)")
+    p.add_argument("--from-json", nargs="+", default=[], metavar="FILE",
+                   help="train nothing: the tables of rows that earlier --json files hold (several runs joined)")
     p.add_argument("overrides", nargs="*", help="key=value overrides applied to every row")
     args = p.parse_args(argv)
     if args.ipot:
@@ -274,20 +280,27 @@ def main(argv=None) -> None:
               f"{row['step_ms']:.1f} | {row['ipot_share_pct']:.2f} % |")
         rows = [row]
     else:
-        rows = []
-        for name in args.rows:
+        rows = [row for f in args.from_json for row in json.loads(Path(f).read_text())]
+        for name in [] if args.from_json else args.rows:
             for seed in args.seeds or [None]:
                 rows.append(run_row(name, args, seed))
                 print(table(rows).splitlines()[-3], flush=True)
                 if args.json:  # every finished run kept, should a later one fail
                     Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
         print(table(rows))
-        if args.seeds:
+        if len({r["seed"] for r in rows}) > 1:
             print("\n" + summary(rows))
+        against = paper_orderings(rows)
+        if against:
+            print("\nAgainst the papers' orderings:\n" + "\n".join(f"- {line}" for line in against))
         if args.report:
-            page = write_report([r["run"] for r in rows], args.report, REPORT_METRICS,
-                                f"compare_methods: {args.steps} steps, "
-                                + (f"seeds {', '.join(map(str, args.seeds))}" if args.seeds else "each config's seed"))
+            runs = [r["run"] for r in rows if Path(r["run"]).is_dir()]
+            if len(runs) < len(rows):
+                print(f"report: {len(rows) - len(runs)} of the rows' run folders are gone; the page has the rest")
+            steps, seeds = ({str(r.get(k, "?")) for r in rows} for k in ("steps", "seed"))
+            page = write_report(runs, args.report, REPORT_METRICS,
+                                f"compare_methods: {'/'.join(sorted(steps))} steps, seeds {', '.join(sorted(seeds))}",
+                                against)
             print(f"report: {page}")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")

@@ -76,6 +76,71 @@ def test_every_compare_methods_row_is_a_shipped_preset_with_known_keys():
         assert cfg.method.name == name.split(":")[0], name
 
 
+def test_every_paper_table_row_is_a_compare_methods_row():
+    """A misspelled row would leave its table's orderings silently unchecked."""
+    import compare_methods
+    import paper_tables
+    for t in paper_tables.TABLES:
+        assert len(t.rows) > 1 and set(t.rows) <= set(compare_methods.ROWS), t.title
+
+
+def paper_rows(values: dict[str, list[float]]) -> list[dict]:
+    """compare_methods rows (one a seed) with img_r1 and txt_r1 both the given values."""
+    return [{"row": name, "seed": seed, "img_r1": v, "txt_r1": v} for name, vs in values.items()
+            for seed, v in enumerate(vs)]
+
+
+def test_orderings_hold_reverse_and_separate_as_the_seeds_say():
+    """SemMIM Table 6 ranks 0.30 > 0.15 > 0.45 (IR@1 63.6 / 64.2 / 63.4): hand-made seeds give each verdict."""
+    from paper_tables import TABLES, describe, orderings
+    table = next(t for t in TABLES if t.title.startswith("SemMIM Table 6"))
+    runs = paper_rows({"semmim": [30.0, 32.0, 34.0], "semmim:ratio-0.15": [20.0, 21.0, 29.0],  # below every preset
+                       "semmim:ratio-0.45": [31.0, 33.0, 38.0]})                               # overlaps it, above
+    found = {(o.higher, o.lower): o for o in orderings(table, runs, "img_r1")}
+    assert set(found) == {("semmim", "semmim:ratio-0.15"), ("semmim", "semmim:ratio-0.45"),
+                          ("semmim:ratio-0.15", "semmim:ratio-0.45")}
+    first, second, third = (found[k] for k in [("semmim", "semmim:ratio-0.15"), ("semmim", "semmim:ratio-0.45"),
+                                               ("semmim:ratio-0.15", "semmim:ratio-0.45")])
+    assert first.holds and first.separated and first.difference == pytest.approx(32.0 - 70 / 3)
+    assert not second.holds and not second.separated and second.difference == pytest.approx(32.0 - 34.0)
+    assert not third.holds and third.separated          # every 0.45 seed above every 0.15 seed
+    line = describe(table, runs)[1]
+    assert line.startswith("SemMIM Table 6, mask ratio (finetuned COCO 5K), img_r1 against the paper's IR@1 (3 runs")
+    assert "1 of 3 orderings hold, 1 separated, 1 reversed and separated" in line
+    one = orderings(table, paper_rows({"semmim": [40.0], "semmim:ratio-0.15": [10.0]}), "img_r1")
+    assert len(one) == 1 and one[0].holds and not one[0].separated   # one run a row separates nothing
+
+
+def test_a_paper_tie_is_no_ordering():
+    """SemMIM Table 7's i = 9 and i = 12 tie on TR@1; a tie in the paper is no ordering to check (here: text-none
+    against the preset, TR@1 80.4 / 81.5, is one)."""
+    from paper_tables import PaperTable, orderings
+    table = PaperTable("t", {"a": (81.5, 63.9), "b": (81.5, 64.2)})
+    runs = paper_rows({"a": [1.0, 2.0], "b": [3.0, 4.0]})
+    assert orderings(table, runs, "txt_r1") == [] and len(orderings(table, runs, "img_r1")) == 1
+
+
+def test_compare_methods_joins_earlier_json_files_without_training(tmp_path, capsys):
+    import compare_methods
+    base = {"itm_prior": 0.637, "itm_loss": 0.5, "r_mean": 50.0, "itc_img_r1": 10.0, "binding_itc": 38.0,
+            "binding_itm": 38.0, "binding_chance": 38.18, "ms_per_step": 1000.0, "codebook_usage_pct": None,
+            "run": str(tmp_path / "gone")}
+    files = []
+    for seed in (0, 1):
+        rows = [{**base, **r} for r in paper_rows({"semmim": [30.0 + seed], "semmim:random-mask": [20.0 + seed]})]
+        for r in rows:
+            r["seed"] = seed
+        files.append(tmp_path / f"seed{seed}.json")
+        files[-1].write_text(json.dumps(rows))
+    compare_methods.main(["--from-json", *map(str, files), "--out", str(tmp_path / "nothing")])
+    out = capsys.readouterr().out
+    assert not (tmp_path / "nothing").exists()                             # nothing trained
+    assert "| semmim | 0, 1 | 0.637 ± 0.000 | 0.500 ± 0.000 | 30.50 ± 0.71 |" in out
+    assert ("SemMIM Table 5, masking (finetuned COCO 5K), img_r1 against the paper's IR@1 (2 runs a row): 1 of 1 "
+            "orderings hold, 1 separated, 0 reversed and separated: semmim > semmim:random-mask holds, separated "
+            "(+10.00)") in out
+
+
 def test_compare_methods_trains_and_evaluates_a_row(shapes_data, tmp_path, capsys):
     import compare_methods
     compare_methods.main(["--data", str(shapes_data), "--rows", "albef", "cbvila:mlm+itm+pixel", "--steps", "2",

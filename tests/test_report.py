@@ -128,6 +128,15 @@ def test_a_missing_folder_or_one_without_metrics_is_one_line(runs, tmp_path, cap
     assert not (tmp_path / "r.html").exists()
 
 
+def test_notes_follow_the_ablation_tables_escaped(runs, tmp_path):
+    """compare_methods' lines on the papers' orderings ("a > b holds") are text in the page, not markup."""
+    page = write_report(list(runs.values()), tmp_path / "r.html", notes=["x > y holds (+1.00)", "<b>no</b>"])
+    text = page.read_text()
+    assert "<h3>Against the papers</h3><ul><li>x &gt; y holds (+1.00)</li><li>&lt;b&gt;no&lt;/b&gt;</li></ul>" in text
+    assert text.index("Against the papers") > text.index("<h2>Ablations</h2>")
+    assert "Against the papers" not in write_report(list(runs.values()), tmp_path / "plain.html").read_text()
+
+
 def test_compare_methods_writes_its_rows_through_the_report(shapes_data, tmp_path, capsys):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     import compare_methods

@@ -132,7 +132,10 @@ def ablation_section(t: ablation.Table) -> str:
             + f'<p class="note">{note}.</p>')
 
 
-def render(runs: list[Run], metrics: list[str] | tuple[str, ...] = (), title: str = "") -> str:
+def render(runs: list[Run], metrics: list[str] | tuple[str, ...] = (), title: str = "",
+           notes: list[str] | tuple[str, ...] = ()) -> str:
+    """The page; `notes`: lines shown under the ablation tables (benchmarks/compare_methods.py: which of the papers'
+    orderings hold)."""
     title = title or "vlpt report: " + ", ".join(run.name for run in runs)
     parts = [f"<h1>{html.escape(title)}</h1>",
              f'<p class="note">{len(runs)} runs, written {time.strftime("%Y-%m-%d %H:%M")}.</p>', runs_section(runs)]
@@ -147,15 +150,17 @@ def render(runs: list[Run], metrics: list[str] | tuple[str, ...] = (), title: st
     tables = ablation.tables(runs, metrics)
     if tables:
         parts += ["<h2>Ablations</h2>", *map(ablation_section, tables)]
+    if notes:
+        parts += ["<h3>Against the papers</h3><ul>", *(f"<li>{html.escape(line)}</li>" for line in notes), "</ul>"]
     return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
             f"<style>{STYLE}</style></head><body>{''.join(parts)}</body></html>\n")
 
 
 def write_report(paths: list[str | Path], out: str | Path, metrics: list[str] | tuple[str, ...] = (),
-                 title: str = "") -> Path:
+                 title: str = "", notes: list[str] | tuple[str, ...] = ()) -> Path:
     """Read the run folders and write the page to `out` (its folders made); returns its path."""
     runs = read_runs(paths)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(render(runs, metrics, title))
+    out.write_text(render(runs, metrics, title, notes))
     return out
