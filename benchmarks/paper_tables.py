@@ -1,9 +1,12 @@
 """The papers' ablation tables as rows of `compare_methods.py`, and which of their orderings measured rows reproduce.
 
-Each table keeps the paper's zero-shot R@1 (TR, IR) of the rows it has. An ordering is a pair of rows the paper ranks
-(ties skipped); in measured rows it *holds* when the two rows' means rank them the same way, and it is *separated*
-when no run of one row falls inside the other's range (every seed of the higher row above every seed of the lower);
-with a single run in either row nothing is separated. txt_r1 is compared with TR@1 and img_r1 with IR@1.
+Each table keeps the paper's R@1 (TR, IR) of the rows it has. An ordering is a pair of rows the paper ranks (ties
+skipped); in measured rows it *holds* when the two rows' means rank them the same way. Two more counts say how much
+that is worth. Runs of one seed share their initial weights and data order, and at the demo's budget the seed moves
+every row together (by more than the rows differ), so the rows are compared seed by seed: in how many of the seeds
+both rows have the higher row comes out higher. And an ordering is *separated* when no run of one row falls inside the
+other's range (every seed of the higher row above every seed of the lower, seeds unpaired); with a single run in
+either row nothing is separated. txt_r1 is compared with TR@1 and img_r1 with IR@1.
 """
 from __future__ import annotations
 
@@ -61,6 +64,8 @@ class Ordering:
     lower: str
     difference: float    # mean(higher) - mean(lower) in the measured runs
     separated: bool
+    agree: int           # seeds (of those both rows ran) where the higher row's run is above the lower row's
+    paired: int          # seeds both rows ran
 
     @property
     def holds(self) -> bool:
@@ -70,17 +75,19 @@ class Ordering:
 def orderings(table: PaperTable, runs: list[dict], metric: str) -> list[Ordering]:
     """The paper's ranked pairs among `table`'s rows that `runs` (compare_methods' rows: "row", metric) have."""
     column = [m for m, _ in METRICS].index(metric)
-    values = {name: [r[metric] for r in runs if r["row"] == name] for name in table.rows}
-    present = [name for name in table.rows if values[name]]
+    by_seed = {name: {r["seed"]: r[metric] for r in runs if r["row"] == name} for name in table.rows}
+    present = [name for name in table.rows if by_seed[name]]
     out = []
     for a, b in itertools.combinations(present, 2):
         pa, pb = table.rows[a][column], table.rows[b][column]
         if pa == pb:
             continue
         higher, lower = (a, b) if pa > pb else (b, a)
-        hi, lo = values[higher], values[lower]
+        hi, lo = list(by_seed[higher].values()), list(by_seed[lower].values())
         separated = len(hi) > 1 and len(lo) > 1 and (min(hi) > max(lo) or max(hi) < min(lo))
-        out.append(Ordering(higher, lower, statistics.mean(hi) - statistics.mean(lo), separated))
+        seeds = by_seed[higher].keys() & by_seed[lower].keys()
+        agree = sum(by_seed[higher][s] > by_seed[lower][s] for s in seeds)
+        out.append(Ordering(higher, lower, statistics.mean(hi) - statistics.mean(lo), separated, agree, len(seeds)))
     return out
 
 
@@ -92,12 +99,17 @@ def describe(table: PaperTable, runs: list[dict]) -> list[str]:
         if not found:
             continue
         seeds = sorted({len([r for r in runs if r["row"] == name]) for name in table.rows} - {0})
-        parts = [f"{o.higher} > {o.lower} {'holds' if o.holds else 'reversed'}"
-                 f"{', separated' if o.separated else ''} ({o.difference:+.2f})" for o in found]
+        held, reversed_ = [o for o in found if o.holds], [o for o in found if not o.holds]
+
+        def counts(group: list[Ordering], every) -> str:
+            return (f"{sum(o.paired > 1 and every(o) for o in group)} in every seed, "
+                    f"{sum(o.separated for o in group)} separated")
+
+        parts = [f"{o.higher} > {o.lower} {'holds' if o.holds else 'reversed'} ({o.difference:+.2f}; "
+                 f"{o.agree}/{o.paired} seeds{', separated' if o.separated else ''})" for o in found]
         lines.append(f"{table.title}, {metric} against the paper's {paper} ({'/'.join(map(str, seeds))} runs a row): "
-                     f"{sum(o.holds for o in found)} of {len(found)} orderings hold, "
-                     f"{sum(o.holds and o.separated for o in found)} separated, "
-                     f"{sum(not o.holds and o.separated for o in found)} reversed and separated: " + "; ".join(parts))
+                     f"{len(held)} of {len(found)} orderings hold ({counts(held, lambda o: o.agree == o.paired)}), "
+                     f"{len(reversed_)} reversed ({counts(reversed_, lambda o: o.agree == 0)}): " + "; ".join(parts))
     return lines
 
 

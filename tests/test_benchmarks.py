@@ -102,13 +102,30 @@ def test_orderings_hold_reverse_and_separate_as_the_seeds_say():
     first, second, third = (found[k] for k in [("semmim", "semmim:ratio-0.15"), ("semmim", "semmim:ratio-0.45"),
                                                ("semmim:ratio-0.15", "semmim:ratio-0.45")])
     assert first.holds and first.separated and first.difference == pytest.approx(32.0 - 70 / 3)
+    assert (first.agree, first.paired) == (3, 3)
     assert not second.holds and not second.separated and second.difference == pytest.approx(32.0 - 34.0)
-    assert not third.holds and third.separated          # every 0.45 seed above every 0.15 seed
+    assert (second.agree, second.paired) == (0, 3)       # seed 0: 30 > 31 no, seed 1: 32 > 33 no, seed 2: 34 > 38 no
+    assert not third.holds and third.separated           # every 0.45 seed above every 0.15 seed
     line = describe(table, runs)[1]
     assert line.startswith("SemMIM Table 6, mask ratio (finetuned COCO 5K), img_r1 against the paper's IR@1 (3 runs")
-    assert "1 of 3 orderings hold, 1 separated, 1 reversed and separated" in line
+    assert ("1 of 3 orderings hold (1 in every seed, 1 separated), 2 reversed (2 in every seed, 1 separated): "
+            "semmim > semmim:ratio-0.15 holds (+8.67; 3/3 seeds, separated); semmim:ratio-0.15 > semmim:ratio-0.45 "
+            "reversed (-10.67; 0/3 seeds, separated); semmim > semmim:ratio-0.45 reversed (-2.00; 0/3 seeds)") in line
     one = orderings(table, paper_rows({"semmim": [40.0], "semmim:ratio-0.15": [10.0]}), "img_r1")
     assert len(one) == 1 and one[0].holds and not one[0].separated   # one run a row separates nothing
+
+
+def test_orderings_pair_runs_by_seed():
+    """A seed that lifts every row hides a gap that each seed shows: unseparated, yet the same way in every seed."""
+    from paper_tables import TABLES, describe, orderings
+    table = next(t for t in TABLES if t.title.startswith("SemMIM Table 5"))
+    runs = paper_rows({"semmim": [21.0, 31.0, 41.0], "semmim:random-mask": [20.0, 30.0, 40.0]})
+    (o,) = orderings(table, runs, "img_r1")
+    assert o.holds and not o.separated and (o.agree, o.paired) == (3, 3)
+    assert "1 of 1 orderings hold (1 in every seed, 0 separated)" in describe(table, runs)[1]
+    del runs[2]                                                      # the preset without seed 2: two seeds pair
+    (o,) = orderings(table, runs, "img_r1")
+    assert (o.agree, o.paired) == (2, 2) and o.difference == pytest.approx(26.0 - 30.0)
 
 
 def test_a_paper_tie_is_no_ordering():
@@ -137,8 +154,8 @@ def test_compare_methods_joins_earlier_json_files_without_training(tmp_path, cap
     assert not (tmp_path / "nothing").exists()                             # nothing trained
     assert "| semmim | 0, 1 | 0.637 ± 0.000 | 0.500 ± 0.000 | 30.50 ± 0.71 |" in out
     assert ("SemMIM Table 5, masking (finetuned COCO 5K), img_r1 against the paper's IR@1 (2 runs a row): 1 of 1 "
-            "orderings hold, 1 separated, 0 reversed and separated: semmim > semmim:random-mask holds, separated "
-            "(+10.00)") in out
+            "orderings hold (1 in every seed, 1 separated), 0 reversed (0 in every seed, 0 separated): "
+            "semmim > semmim:random-mask holds (+10.00; 2/2 seeds, separated)") in out
 
 
 def test_compare_methods_trains_and_evaluates_a_row(shapes_data, tmp_path, capsys):
