@@ -3,8 +3,8 @@
 Each table keeps the paper's R@1 (TR, IR) of the rows it has. An ordering is a pair of rows the paper ranks (ties
 skipped); in measured rows it *holds* when the two rows' means rank them the same way. Two more counts say how much
 that is worth. Runs of one seed share their initial weights and data order, and at the demo's budget the seed moves
-every row together (by more than the rows differ), so the rows are compared seed by seed: in how many of the seeds
-both rows have the higher row comes out higher. And an ordering is *separated* when no run of one row falls inside the
+every row together (by more than the rows differ), so the rows are compared seed by seed: the gap is the mean of
+the per-seed gaps over the seeds both rows ran, and the count says in how many of them the higher row came out higher. And an ordering is *separated* when no run of one row falls inside the
 other's range (every seed of the higher row above every seed of the lower, seeds unpaired); with a single run in
 either row nothing is separated. txt_r1 is compared with TR@1 and img_r1 with IR@1.
 """
@@ -62,7 +62,7 @@ METRICS = (("txt_r1", "TR@1"), ("img_r1", "IR@1"))
 class Ordering:
     higher: str          # the row the paper ranks higher
     lower: str
-    difference: float    # mean(higher) - mean(lower) in the measured runs
+    difference: float    # mean over the seeds both rows ran of higher - lower (without one: the means' difference)
     separated: bool
     agree: int           # seeds (of those both rows ran) where the higher row's run is above the lower row's
     paired: int          # seeds both rows ran
@@ -86,8 +86,9 @@ def orderings(table: PaperTable, runs: list[dict], metric: str) -> list[Ordering
         hi, lo = list(by_seed[higher].values()), list(by_seed[lower].values())
         separated = len(hi) > 1 and len(lo) > 1 and (min(hi) > max(lo) or max(hi) < min(lo))
         seeds = by_seed[higher].keys() & by_seed[lower].keys()
-        agree = sum(by_seed[higher][s] > by_seed[lower][s] for s in seeds)
-        out.append(Ordering(higher, lower, statistics.mean(hi) - statistics.mean(lo), separated, agree, len(seeds)))
+        gaps = [by_seed[higher][s] - by_seed[lower][s] for s in seeds]
+        difference = statistics.mean(gaps) if gaps else statistics.mean(hi) - statistics.mean(lo)
+        out.append(Ordering(higher, lower, difference, separated, sum(g > 0 for g in gaps), len(seeds)))
     return out
 
 

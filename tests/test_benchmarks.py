@@ -123,9 +123,11 @@ def test_orderings_pair_runs_by_seed():
     (o,) = orderings(table, runs, "img_r1")
     assert o.holds and not o.separated and (o.agree, o.paired) == (3, 3)
     assert "1 of 1 orderings hold (1 in every seed, 0 separated)" in describe(table, runs)[1]
-    del runs[2]                                                      # the preset without seed 2: two seeds pair
-    (o,) = orderings(table, runs, "img_r1")
-    assert (o.agree, o.paired) == (2, 2) and o.difference == pytest.approx(26.0 - 30.0)
+    del runs[2]                         # the preset without seed 2: its mean 26 is below random masking's 30,
+    (o,) = orderings(table, runs, "img_r1")                          # yet the two seeds both rows ran say +1
+    assert (o.agree, o.paired) == (2, 2) and o.difference == pytest.approx(1.0) and o.holds
+    (o,) = orderings(table, paper_rows({"semmim": [25.0], "semmim:random-mask": [0.0, 20.0]})[::2], "img_r1")
+    assert o.paired == 0 and o.difference == pytest.approx(25.0 - 20.0)  # no shared seed: the means' difference
 
 
 def test_a_paper_tie_is_no_ordering():
