@@ -1,6 +1,7 @@
 """torch.distributed helpers that are identities in a single process."""
 from __future__ import annotations
 
+import atexit
 import os
 
 import torch
@@ -45,6 +46,16 @@ def init(device: torch.device) -> None:
         return
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend)
+    atexit.register(close)
+
+
+def close() -> None:
+    """Leave the process group, if in one. `init` registers it to run at exit, while the interpreter is whole: a
+    process that exits in a group leaves gloo's worker threads holding tensors that interpreter finalisation then
+    frees, which aborts it now and then ("terminate called without an active exception", then SIGSEGV; the rare
+    crash of tests/test_parallel.py; pytorch/pytorch#190489)."""
+    if is_distributed():
+        dist.destroy_process_group()
 
 
 def gather(x: torch.Tensor, grad: bool = False) -> torch.Tensor:
