@@ -1,12 +1,13 @@
 """The papers' ablation tables as rows of `compare_methods.py`, and which of their orderings measured rows reproduce.
 
 Each table keeps the paper's R@1 (TR, IR) of the rows it has. An ordering is a pair of rows the paper ranks (ties
-skipped); in measured rows it *holds* when the two rows' means rank them the same way. Two more counts say how much
-that is worth. Runs of one seed share their initial weights and data order, and at the demo's budget the seed moves
-every row together (by more than the rows differ), so the rows are compared seed by seed: the gap is the mean of
-the per-seed gaps over the seeds both rows ran, and the count says in how many of them the higher row came out higher. And an ordering is *separated* when no run of one row falls inside the
-other's range (every seed of the higher row above every seed of the lower, seeds unpaired); with a single run in
-either row nothing is separated. txt_r1 is compared with TR@1 and img_r1 with IR@1.
+skipped). Runs of one seed share their initial weights and data order, and at the demo's budget the seed moves every
+row together (by more than the rows differ), so rows are compared seed by seed: the gap is the mean of the per-seed
+gaps over the seeds both rows ran (the means' difference where they share none), the ordering *holds* when the gap
+is positive, and a count says in how many shared seeds the higher row came out higher. An ordering is *separated*
+when no run of one row falls inside the other's range (every seed of the higher row above every seed of the lower,
+seeds unpaired); with a single run in either row nothing is separated. txt_r1 is compared with TR@1 and img_r1 with
+IR@1.
 """
 from __future__ import annotations
 
