@@ -112,6 +112,14 @@ def test_the_ablation_table_gives_mean_and_std_over_seeds_and_marks_the_best(pag
     assert no_mlm["itm_loss ↓"] == ("0.5500", True)
 
 
+def test_a_standard_deviation_shows_as_many_decimals_as_its_mean():
+    from vlpt.report.page import mean_std
+    assert mean_std(38.3333, 0.2858) == "38.33 ± 0.29"
+    assert mean_std(0.47921, 0.017693) == "0.4792 ± 0.0177"
+    assert mean_std(700, 0.0) == "700 ± 0" and mean_std(12.5, None) == "12.50"
+    assert mean_std(1.5e-5, 2.5e-6) == "1.5e-05 ± 2.5e-06"
+
+
 def test_the_page_is_self_contained(page):
     text = page.read_text()
     assert text.count('src="data:image/png;base64,') == 2        # the losses, and learning rate with samples/s

@@ -18,7 +18,9 @@ body { font-family: system-ui, sans-serif; margin: 2em; color: #222; max-width: 
 h1 { font-size: 1.5em; } h2 { font-size: 1.2em; margin-top: 2em; border-bottom: 1px solid #ccc; }
 table { border-collapse: collapse; margin: 0.5em 0 1em; font-size: 0.9em; }
 th, td { border: 1px solid #ddd; padding: 3px 8px; text-align: right; }
-th { background: #f3f3f3; } td.key, th.key { text-align: left; font-family: monospace; }
+td { white-space: nowrap; } div.wide { overflow-x: auto; }
+th { background: #f3f3f3; } td.key, th.key { text-align: left; font-family: monospace; white-space: normal; }
+td.runs { font-size: 0.8em; color: #555; }
 img.plot { max-width: 100%; display: block; }
 p.note { color: #555; font-size: 0.9em; }
 """
@@ -40,6 +42,14 @@ def number(value) -> str:
     return f"{value:.4f}" if abs(value) >= 1e-3 else f"{value:.3g}"
 
 
+def mean_std(mean: float, std: float | None) -> str:
+    """`number(mean)`, and the standard deviation to as many decimals as the mean shows."""
+    text = number(mean)
+    if std is None:
+        return text
+    return f"{text} ± {std:.3g}" if "e" in text else f"{text} ± {std:.{len(text.partition('.')[2])}f}"
+
+
 def cell(value: str, tag: str = "td", cls: str = "", bold: bool = False) -> str:
     text = html.escape(value)
     return f"<{tag}{f' class={cls!r}' if cls else ''}>{f'<b>{text}</b>' if bold else text}</{tag}>"
@@ -50,7 +60,7 @@ def html_table(header: list[str], rows: list[list[str]], ident: str = "", cls: s
     attrs = (f' id="{ident}"' if ident else "") + (f' class="{cls}"' if cls else "")
     head = "".join(cell(h, "th", "key" if i < keys else "") for i, h in enumerate(header))
     body = "".join(f"<tr>{''.join(row)}</tr>" for row in rows)
-    return f"<table{attrs}><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    return f'<div class="wide"><table{attrs}><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
 
 
 def curves(runs: list[Run], names: list[str], ylabels: dict[str, str] | None = None, cols: int = 3) -> str:
@@ -123,9 +133,9 @@ def ablation_section(t: ablation.Table) -> str:
         cells = []
         for m in t.metrics:
             mean, std = row.cells.get(m, (None, None))
-            text = "-" if mean is None else number(mean) + ("" if std is None else f" ± {number(std)}")
+            text = "-" if mean is None else mean_std(mean, std)
             cells.append(cell(text, bold=m in row.best))
-        rows.append([*(cell(setting(row.settings[k]), cls="key") for k in t.keys), cell(label, cls="key"), *cells])
+        rows.append([*(cell(setting(row.settings[k]), cls="key") for k in t.keys), cell(label, cls="key runs"), *cells])
     note = ("mean ± sample standard deviation over each row's seeds; " if seeds else "") + \
         "best of each column in bold (↑ more is better, ↓ less)"
     return (f"<h3>{html.escape(t.title)}</h3>" + html_table(header, rows, cls="ablation", keys=len(t.keys) + 1)
